@@ -1,0 +1,11 @@
+"""User-facing errors: one line that names the problem and what to do; the CLI exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, files, prompts). Printed as one line, exit code 2, no traceback."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raises UserError(message) unless condition holds."""
+    if not condition:
+        raise UserError(message)
