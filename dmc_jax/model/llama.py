@@ -1,0 +1,114 @@
+"""The Llama forward pass as pure functions over the parameter pytree; layers run under `jax.lax.scan`.
+
+Three entry points share one layer stack and differ only in how attention sees the past:
+    forward      full causal attention over a sequence (training, perplexity), no cache
+    prefill      a right-padded batch of prompts through a cache method, which builds its cache
+    decode_step  one token per sequence through a cache method
+
+Shape letters: B batch, T time, D model width, H query heads, K KV heads, Dh head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from dmc_jax.cache.protocol import CacheMethod, State
+from dmc_jax.model.attention import causal_mask, grouped_attention
+from dmc_jax.model.config import ModelConfig
+from dmc_jax.model.layers import Rope, rms_norm, swiglu
+from dmc_jax.model.params import Params
+
+# (layer, q_BTHD, k_BTKD, v_BTKD, state) -> (out_BTHD, state); q/k before RoPE.
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, State], tuple]
+
+
+def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: AttendFn, state: State):
+    """Runs every layer (scanned over the stacked weights) with `attend` as the attention of each."""
+    dtype = cfg.dtype
+
+    def layer_fn(carry, layer_in):
+        x_BTD, state = carry
+        w, layer = layer_in
+        w = jax.tree.map(lambda a: a.astype(dtype) if a.ndim > 1 else a, w)
+        h_BTD = rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
+        q_BTHD = jnp.einsum("btd,dhk->bthk", h_BTD, w["q"])
+        k_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["k"])
+        v_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["v"])
+        attn_BTHD, state = attend(layer, q_BTHD, k_BTKD, v_BTKD, state)
+        x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_BTHD, w["o"])
+        h_BTD = rms_norm(x_BTD, w["mlp_norm"], cfg.norm_eps)
+        x_BTD = x_BTD + swiglu(h_BTD, w["gate"], w["up"], w["down"])
+        return (x_BTD, state), None
+
+    if cfg.remat:
+        layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x_BTD, state), _ = jax.lax.scan(layer_fn, (x_BTD, state), (params["layers"], layers))
+    return x_BTD, state
+
+
+def _embed(params: Params, tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return jnp.take(params["embed"]["embedding"], tokens_BT, axis=0).astype(cfg.dtype)
+
+
+def _logits(params: Params, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and the (tied or untied) output projection; logits in fp32."""
+    h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
+    if cfg.tie_embeddings:
+        w_VD = params["embed"]["embedding"].astype(cfg.dtype)
+        return jnp.einsum("btd,vd->btv", h_BTD, w_VD, preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(cfg.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig,
+                  positions_BT: Optional[jax.Array] = None,
+                  segment_ids_BT: Optional[jax.Array] = None) -> jax.Array:
+    """Final-layer activations [B, T, D] with full causal attention (reset at segment boundaries if given)."""
+    B, T = tokens_BT.shape
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    positions_BT = index_BT if positions_BT is None else positions_BT
+    mask_B1TT = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+    rope = Rope(cfg)
+
+    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
+        q_BTHD, k_BTKD = rope(q_BTHD, positions_BT), rope(k_BTKD, positions_BT)
+        return grouped_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TT), state
+
+    x_BTD, _ = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, None)
+    return x_BTD
+
+
+def forward(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, positions_BT: Optional[jax.Array] = None,
+            segment_ids_BT: Optional[jax.Array] = None) -> jax.Array:
+    """Logits [B, T, V] (fp32) of a full causal forward pass."""
+    return _logits(params, hidden_states(params, tokens_BT, cfg, positions_BT, segment_ids_BT), cfg)
+
+
+def prefill(params: Params, tokens_BT: jax.Array, lengths_B: jax.Array, state: State, method: CacheMethod,
+            cfg: ModelConfig) -> tuple[jax.Array, State]:
+    """Runs right-padded prompts through `method`; returns the logits after each prompt's last token [B, V]."""
+    rope = Rope(cfg)
+
+    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
+        return method.prefill(state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope)
+
+    x_BTD, state = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, state)
+    last_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
+    return _logits(params, last_B1D, cfg)[:, 0], state
+
+
+def decode_step(params: Params, tokens_B: jax.Array, positions_B: jax.Array, state: State, method: CacheMethod,
+                cfg: ModelConfig) -> tuple[jax.Array, State]:
+    """One token per sequence at absolute positions_B; returns logits [B, V] and the updated cache."""
+    rope = Rope(cfg)
+
+    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
+        out_BHD, state = method.decode(state, layer, q_BTHD[:, 0], k_BTKD[:, 0], v_BTKD[:, 0], positions_B, rope)
+        return out_BHD[:, None], state
+
+    x_BTD, state = _layer_stack(params, _embed(params, tokens_B[:, None], cfg), cfg, attend, state)
+    return _logits(params, x_BTD, cfg)[:, 0], state
