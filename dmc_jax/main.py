@@ -1,0 +1,58 @@
+"""Entry point: `python -m dmc_jax.main --config configs/<name>.py [--config.key=value ...]`.
+
+Loads and validates the config once, runs config.task, writes <run dir>/results.json and prints its path.
+Bad input exits with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, Sequence
+
+from dmc_jax.config_loader import parse_argv
+from dmc_jax.config_schema import validate
+from dmc_jax.errors import UserError
+
+# task -> (module, needs the model loaded)
+_TASKS = {"demo": ("dmc_jax.tasks.demo", True), "generate": ("dmc_jax.tasks.generate", True),
+          "eval": ("dmc_jax.tasks.evaluate", True), "bench": ("dmc_jax.tasks.bench", True),
+          "prepare_data": ("dmc_jax.tasks.prepare_data", False)}
+
+
+def run(argv: Sequence[str]) -> str:
+    """Runs the task the command line asks for; returns the path of its results.json."""
+    import importlib
+
+    from dmc_jax.tasks import common
+
+    config = parse_argv(argv)
+    validate(config)
+    module_name, needs_model = _TASKS[config.task]
+    task = importlib.import_module(module_name)
+    out_dir = common.run_dir(config)
+    start = time.perf_counter()
+    if needs_model:
+        model = common.load_model(config)
+        print(f"model: {model.source} ({model.cfg.num_params() / 1e6:.1f}M parameters, "
+              f"{model.cfg.num_layers} layers, {model.cfg.param_dtype})")
+        results = task.run(config, model)
+    else:
+        results = task.run(config)
+    results["wall_seconds"] = time.perf_counter() - start
+    return common.write_results(out_dir, results, config)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path = run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""What every task shares: loading the configured model, the run directory, and the results JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from dmc_jax.errors import UserError
+
+
+def load_model(config: ml_collections.ConfigDict):
+    """The model of config.model, with the config's dtypes and max_seq_len applied, params on the device."""
+    from dmc_jax.weights import load_model as load_weights
+
+    loaded = load_weights(config.model.source)
+    cfg = loaded.cfg
+    max_len = config.model.max_seq_len or cfg.max_seq_len
+    if max_len > cfg.max_seq_len:
+        raise UserError(f"model.max_seq_len={max_len} exceeds the model's context length {cfg.max_seq_len}; "
+                        f"lower model.max_seq_len (0 = the model's own)")
+    cfg = cfg.replace(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+                      max_seq_len=max_len, remat=config.model.remat)
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, cfg.pdtype)), loaded.params)
+    return dataclasses.replace(loaded, cfg=cfg, params=params)
+
+
+def run_dir(config: ml_collections.ConfigDict) -> str:
+    """config.output_dir, or runs/<task>-<timestamp>; created if missing."""
+    path = config.output_dir or os.path.join(
+        "runs", f"{config.task}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {path}: {e.strerror}; set output_dir to a writable path")
+    return path
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return _plain(np.asarray(x).tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return x
+
+
+def write_results(path: str, results: dict, config: ml_collections.ConfigDict) -> str:
+    """Writes results.json (results plus the config that produced them) atomically; returns its path."""
+    out = os.path.join(path, "results.json")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"results": _plain(results), "config": json.loads(config.to_json_best_effort())}, f, indent=2)
+    os.replace(tmp, out)
+    return out
