@@ -109,3 +109,11 @@ def test_bf16_compute_stays_close_to_fp32():
     low = llama.forward(params, tokens, cfg.replace(compute_dtype="bfloat16"))
     assert low.dtype == jnp.float32
     assert np.abs(np.asarray(low) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
+
+
+def test_unstacked_decoding_layout_gives_the_same_logits():
+    cfg = tiny_config(num_layers=3)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+    np.testing.assert_allclose(llama.forward(llama.unstack_layers(params), tokens, cfg),
+                               llama.forward(params, tokens, cfg), atol=1e-5)

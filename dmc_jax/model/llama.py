@@ -25,8 +25,22 @@ from dmc_jax.model.params import Params
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, State], tuple]
 
 
+def unstack_layers(params: Params) -> Params:
+    """The decoding layout: params['layers'] as a tuple of per-layer dicts (separate buffers).
+
+    Decoding is memory bound. Under `lax.scan` XLA (CPU at least) copies each layer's weights out of the stacked
+    array before the matmul reads them, which triples weight traffic per token; separate per-layer buffers are
+    read in place. Training and perplexity keep the stacked layout (one scanned layer to compile, remat).
+    """
+    if isinstance(params["layers"], tuple):
+        return params
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    layers = tuple(jax.tree.map(lambda a: a[i], params["layers"]) for i in range(num_layers))
+    return {**params, "layers": layers}
+
+
 def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: AttendFn, state: State):
-    """Runs every layer (scanned over the stacked weights) with `attend` as the attention of each."""
+    """Runs every layer with `attend` as its attention: scanned over stacked weights, or unrolled over a tuple."""
     dtype = cfg.dtype
 
     def layer_fn(carry, layer_in):
@@ -45,6 +59,11 @@ def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: Att
 
     if cfg.remat:
         layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
+    if isinstance(params["layers"], tuple):
+        carry = (x_BTD, state)
+        for i, w in enumerate(params["layers"]):
+            carry, _ = layer_fn(carry, (w, jnp.int32(i)))
+        return carry
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     (x_BTD, state), _ = jax.lax.scan(layer_fn, (x_BTD, state), (params["layers"], layers))
     return x_BTD, state
