@@ -1,0 +1,199 @@
+"""The one mapping between our parameter pytree and Hugging Face Llama tensors and config.json.
+
+Letters: L layers, D embed, H query heads, K kv heads, Dh head dim, F mlp, V vocab. Hugging Face stores
+linear weights as [out, in]; we store [in, ...out] (see dmc_jax/model/params.py), so most tensors are a
+reshape plus a transpose. Both sides use the rotate-half RoPE layout for q/k: no row permutation here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+import numpy as np
+
+from dmc_jax.errors import UserError
+from dmc_jax.model.config import DTYPES, ModelConfig, RopeScaling
+from dmc_jax.model.params import Params, flatten, param_shapes, unflatten
+
+# our flat path -> (Hugging Face name, number of leading "in" axes of ours; 0 = stored as is). HF keeps a
+# linear as [out, in]; ours is [in..., out...], so HF = ours.reshape(prod(in), prod(out)).T.
+GLOBAL_NAMES = {
+    "embed/embedding": ("model.embed_tokens.weight", 0),
+    "final_norm": ("model.norm.weight", 0),
+    "lm_head": ("lm_head.weight", 1),
+}
+# our stacked per-layer path -> (HF name inside model.layers.{i}., leading "in" axes of one layer's slice)
+LAYER_NAMES = {
+    "layers/attn_norm": ("input_layernorm.weight", 0),
+    "layers/q": ("self_attn.q_proj.weight", 1),
+    "layers/k": ("self_attn.k_proj.weight", 1),
+    "layers/v": ("self_attn.v_proj.weight", 1),
+    "layers/o": ("self_attn.o_proj.weight", 2),
+    "layers/mlp_norm": ("post_attention_layernorm.weight", 0),
+    "layers/gate": ("mlp.gate_proj.weight", 1),
+    "layers/up": ("mlp.up_proj.weight", 1),
+    "layers/down": ("mlp.down_proj.weight", 1),
+}
+# HF tensors that carry no parameters (old checkpoints saved RoPE buffers)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def layer_name(i: int, name: str) -> str:
+    return f"model.layers.{i}.{name}"
+
+
+def _hf_shape(our_shape: tuple, n_in: int) -> tuple:
+    """[in..., out...] -> [prod(out), prod(in)] for linears (n_in > 0); unchanged otherwise."""
+    if not n_in:
+        return tuple(our_shape)
+    return (int(np.prod(our_shape[n_in:])), int(np.prod(our_shape[:n_in])))
+
+
+def _entries(cfg: ModelConfig):
+    """Yields (our path, layer index or None, HF name, our per-tensor shape, leading "in" axes)."""
+    spec = param_shapes(cfg)
+    for path, (name, n_in) in GLOBAL_NAMES.items():
+        if path in spec:
+            yield path, None, name, spec[path][0], n_in
+    for path, (name, n_in) in LAYER_NAMES.items():
+        for i in range(cfg.num_layers):
+            yield path, i, layer_name(i, name), spec[path][0][1:], n_in
+
+
+def hf_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
+    """HF tensor name -> shape for every tensor of cfg (lm_head absent when embeddings are tied)."""
+    return {name: _hf_shape(shape, t) for _, _, name, shape, t in _entries(cfg)}
+
+
+def _transpose_into(src_AxB: np.ndarray, dst_BxA: np.ndarray, block: int = 64) -> None:
+    """dst = src.T, copied in row blocks (cache friendly: ~10x faster than numpy's strided copy)."""
+    for j in range(0, src_AxB.shape[0], block):
+        dst_BxA[:, j:j + block] = src_AxB[j:j + block].T
+
+
+def _our_to_hf(w: np.ndarray, n_in: int) -> np.ndarray:
+    if not n_in:
+        return np.ascontiguousarray(w)
+    w_IxO = np.ascontiguousarray(w).reshape(int(np.prod(w.shape[:n_in])), -1)  # a view: w is contiguous
+    out_OxI = np.empty(w_IxO.shape[::-1], w_IxO.dtype)
+    _transpose_into(w_IxO, out_OxI)
+    return out_OxI
+
+
+def to_hf(cfg: ModelConfig, params: Params) -> Dict[str, np.ndarray]:
+    """Our params -> {HF name: array} (dtype kept; lm_head omitted when tied, as transformers saves it)."""
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    out = {}
+    for path, i, name, _, n_in in _entries(cfg):
+        w = flat[path] if i is None else flat[path][i]
+        out[name] = _our_to_hf(w, n_in)
+    return out
+
+
+def from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], source: str = "checkpoint") -> Params:
+    """{HF name: array} -> our params; UserError naming a missing, misshapen or unexpected tensor."""
+    expected = hf_shapes(cfg)
+    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unexpected = sorted(n for n in tensors if n not in expected and n not in ignorable
+                        and not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise UserError(f"{source} has tensors a Llama model does not use ({', '.join(unexpected[:3])}"
+                        f"{', ...' if len(unexpected) > 3 else ''}); dmc_jax loads plain Llama-family models")
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise UserError(f"{source} is missing tensor {name}; the checkpoint is incomplete or not a "
+                            f"Llama model with this config")
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise UserError(f"{source} tensor {name} has shape {got} but the config implies {shape}; "
+                            f"config and weights disagree")
+    flat: Dict[str, np.ndarray] = {}
+    spec = param_shapes(cfg)
+    for path, i, name, our_shape, n_in in _entries(cfg):
+        w = np.asarray(tensors[name])
+        if path not in flat:
+            flat[path] = np.empty(spec[path][0], w.dtype)
+        dst = flat[path] if i is None else flat[path][i]
+        if n_in:
+            _transpose_into(w, np.reshape(dst, (int(np.prod(our_shape[:n_in])), -1), copy=False))
+        else:
+            dst[...] = w
+    return unflatten(flat)
+
+
+def _first(value):
+    """bos/eos ids may be lists in HF configs: the first one is the model's own."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def _rope_scaling(d: Mapping[str, Any]):
+    """(rope_theta, RopeScaling or None) from rope_theta/rope_scaling or transformers-5 rope_parameters."""
+    params = d.get("rope_parameters") or {}
+    theta = d.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = d.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if not scaling:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise UserError(f"config.json rope scaling type {kind!r} is not supported; dmc_jax supports none or "
+                        f"'llama3'")
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [f for f in fields if f not in scaling]
+    if missing:
+        raise UserError(f"config.json llama3 rope scaling lacks {', '.join(missing)}; add them to rope_scaling")
+    return float(theta), RopeScaling(float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                                     float(scaling["high_freq_factor"]),
+                                     int(scaling["original_max_position_embeddings"]))
+
+
+def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
+    """A Hugging Face Llama config.json dict -> ModelConfig; UserError for other architectures."""
+    model_type = d.get("model_type")
+    if model_type != "llama":
+        raise UserError(f"config.json has model_type {model_type!r}, not 'llama'; dmc_jax loads "
+                        f"Llama-family models only")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in d:
+            raise UserError(f"config.json lacks {key!r}; it is not a complete Llama config")
+    if d.get("hidden_act", "silu") != "silu":
+        raise UserError(f"config.json hidden_act {d['hidden_act']!r} is not supported; Llama uses 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            raise UserError(f"config.json sets {key}=true; dmc_jax supports Llama models without biases")
+    theta, scaling = _rope_scaling(d)
+    heads = int(d["num_attention_heads"])
+    head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+    dtype = d.get("torch_dtype", d.get("dtype"))
+    return ModelConfig(
+        vocab_size=int(d["vocab_size"]), embed_dim=int(d["hidden_size"]), num_layers=int(d["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+        mlp_dim=int(d["intermediate_size"]), rope_theta=theta, rope_scaling=scaling,
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_seq_len=int(d.get("max_position_embeddings", 2048)),
+        param_dtype=dtype if dtype in DTYPES else "float32",
+        bos_id=_first(d.get("bos_token_id")), eos_id=_first(d.get("eos_token_id")))
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> Dict[str, Any]:
+    """ModelConfig -> a config.json dict transformers' LlamaForCausalLM accepts."""
+    scaling = None
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor,
+                   "original_max_position_embeddings": s.original_max_position_embeddings}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+        "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1,
+        "use_cache": True, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+        "torch_dtype": dtype or cfg.param_dtype,
+    }
