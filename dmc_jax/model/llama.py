@@ -30,7 +30,8 @@ def unstack_layers(params: Params) -> Params:
 
     Decoding is memory bound. Under `lax.scan` XLA (CPU at least) copies each layer's weights out of the stacked
     array before the matmul reads them, which triples weight traffic per token; separate per-layer buffers are
-    read in place. Training and perplexity keep the stacked layout (one scanned layer to compile, remat).
+    read in place (measured on SmolLM2, 2-core CPU: decode +40%, prefill at T=512 +65%). Training keeps the
+    stacked layout (one scanned layer to compile, remat, sharding rules with a `layers` axis).
     """
     if isinstance(params["layers"], tuple):
         return params

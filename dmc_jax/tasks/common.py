@@ -12,10 +12,15 @@ import ml_collections
 import numpy as np
 
 from dmc_jax.errors import UserError
+from dmc_jax.model.llama import unstack_layers
 
 
-def load_model(config: ml_collections.ConfigDict):
-    """The model of config.model, with the config's dtypes and max_seq_len applied, params on the device."""
+def load_model(config: ml_collections.ConfigDict, layout: str = "inference"):
+    """The model of config.model with the config's dtypes and max_seq_len applied, params on the device.
+
+    layout 'inference' gives per-layer weight buffers (llama.unstack_layers: faster prefill and decode);
+    'training' keeps the stacked layout that the layer scan and sharding rules expect.
+    """
     from dmc_jax.weights import load_model as load_weights
 
     loaded = load_weights(config.model.source)
@@ -26,7 +31,10 @@ def load_model(config: ml_collections.ConfigDict):
                         f"lower model.max_seq_len (0 = the model's own)")
     cfg = cfg.replace(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
                       max_seq_len=max_len, remat=config.model.remat)
-    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, cfg.pdtype)), loaded.params)
+    params = jax.tree.map(lambda x: np.asarray(x, cfg.pdtype), loaded.params)
+    if layout == "inference":
+        params = unstack_layers(params)  # numpy views: no second copy of the weights
+    params = jax.device_put(params)
     return dataclasses.replace(loaded, cfg=cfg, params=params)
 
 
