@@ -17,7 +17,6 @@ import numpy as np
 from dmc_jax.cache.protocol import state_bytes
 from dmc_jax.cache.registry import make_method
 from dmc_jax.inference.generate import GenerateConfig, decode_loop, prefill_and_sample
-from dmc_jax.model.llama import unstack_layers
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -39,7 +38,7 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def run(config: ml_collections.ConfigDict, model) -> dict:
-    b, cfg, params = config.bench, model.cfg, unstack_layers(model.params)
+    b, cfg, params = config.bench, model.cfg, model.params
     method = make_method(config.cache)
     text = "The quick brown fox jumps over the lazy dog. " * 200
     ids = model.tokenizer.encode(text)

@@ -12,7 +12,6 @@ from dmc_jax.cache.registry import make_method
 from dmc_jax.errors import UserError
 from dmc_jax.inference.generate import GenerateConfig, generate
 from dmc_jax.inference.sampling import SamplingConfig
-from dmc_jax.model.llama import unstack_layers
 
 
 def prompts_from_config(g: ml_collections.ConfigDict) -> list[str]:
@@ -42,7 +41,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
                          stop_ids=tuple(tok.stop_ids), pad_id=0)
     method = make_method(config.cache)
     start = time.perf_counter()
-    out = generate(unstack_layers(model.params), prompts, model.cfg, method, gen, jax.random.PRNGKey(config.seed))
+    out = generate(model.params, prompts, model.cfg, method, gen, jax.random.PRNGKey(config.seed))
     seconds = time.perf_counter() - start
     stats = method.stats(out.state, out.lengths)
     samples = []
