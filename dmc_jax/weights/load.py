@@ -43,7 +43,7 @@ def _is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def resolve(source: str) -> tuple:
+def resolve(source: str, need_config: bool = True) -> tuple:
     """(kind, path) for a model source: ('gguf', file) or ('hf', directory); UserError otherwise."""
     if not isinstance(source, str) or not source:
         raise UserError("model source must be 'smollm2', a .gguf file or a Hugging Face model directory")
@@ -51,7 +51,7 @@ def resolve(source: str) -> tuple:
         return "gguf", embedded_gguf_path()
     path = os.path.expanduser(source)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
+        if need_config and not os.path.exists(os.path.join(path, "config.json")):
             raise UserError(f"{path} has no config.json; give a Hugging Face model directory, a .gguf file or "
                             f"'{EMBEDDED}'")
         return "hf", path
@@ -59,7 +59,7 @@ def resolve(source: str) -> tuple:
         if path.endswith(".gguf") or _is_gguf(path):
             return "gguf", path
         raise UserError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
-    raise UserError(f"model source {source!r} does not exist; give '{EMBEDDED}', a .gguf file or a Hugging Face "
+    raise UserError(f"model source {source!r} not found; give '{EMBEDDED}', a .gguf file or a Hugging Face "
                     f"model directory")
 
 
@@ -79,8 +79,8 @@ def _hf_dir_tokenizer(path: str, required: bool):
 
 
 def load_tokenizer(source: str):
-    """The tokenizer of a model source (same sources as load_model)."""
-    kind, path = resolve(source)
+    """The tokenizer of a model source (as load_model; a directory needs only its tokenizer files)."""
+    kind, path = resolve(source, need_config=False)
     if kind == "hf":
         return _hf_dir_tokenizer(path, required=True)
     from dmc_jax.tokenizer.gguf_tokenizer import tokenizer_from_gguf
