@@ -345,6 +345,7 @@ def test_hf_dir_round_trip_is_bitwise(tmp_path, tied, dtype):
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp dirs left behind
     files = sorted(os.listdir(tmp_path / "out"))
     assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    assert all(os.stat(tmp_path / "out" / f).st_mode & 0o777 == 0o644 for f in files)
     got_cfg, got = hf_io.load_hf_dir(str(tmp_path / "out"))
     assert got_cfg == cfg.replace(param_dtype=np.dtype(dtype).name)
     for path, value in flatten(params).items():

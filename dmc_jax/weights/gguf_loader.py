@@ -116,13 +116,18 @@ def _f32_decimal(x) -> float:
     return float(str(np.float32(x)))
 
 
-def config_from_gguf(meta: Dict[str, Any], rope_freqs=None, path: str = "GGUF",
-                     vocab_size: int | None = None) -> ModelConfig:
-    """ModelConfig from llama.* GGUF metadata (vocab_size: token_embd rows); UserError unless architecture llama."""
+def check_architecture(meta: Dict[str, Any], path: str) -> None:
+    """UserError unless general.architecture is 'llama' (also Mistral-style and SmolLM2 files use it)."""
     arch = _get(meta, "general.architecture")
     if arch != "llama":
         raise UserError(f"{path} holds a {arch!r} model; dmc_jax loads Llama-family models only "
                         f"(general.architecture 'llama')")
+
+
+def config_from_gguf(meta: Dict[str, Any], rope_freqs=None, path: str = "GGUF",
+                     vocab_size: int | None = None) -> ModelConfig:
+    """ModelConfig from llama.* GGUF metadata (vocab_size: token_embd rows); UserError unless architecture llama."""
+    check_architecture(meta, path)
     embed = int(_get(meta, "llama.embedding_length", required=True))
     heads = int(_get(meta, "llama.attention.head_count", required=True))
     head_dim = int(_get(meta, "llama.attention.key_length", embed // heads))
@@ -168,6 +173,7 @@ def load_gguf(path: str) -> Tuple[ModelConfig, Params, Dict[str, Any]]:
 def load_gguf_reader(reader, path: str) -> Tuple[ModelConfig, Params, Dict[str, Any]]:
     """load_gguf for an already opened gguf.GGUFReader (opening parses all metadata: ~2 s for SmolLM2)."""
     meta = gguf_metadata(reader)
+    check_architecture(meta, path)
     by_name = {t.name: t for t in reader.tensors}
     rope_freqs = dequantize(by_name["rope_freqs.weight"], path) if "rope_freqs.weight" in by_name else None
     embed = by_name.get("token_embd.weight")  # its rows: llama.vocab_size is optional in older files

@@ -173,6 +173,8 @@ def save_hf_dir(path: str, cfg: ModelConfig, params: Params, tokenizer_files: Op
     try:
         _write_model(tmp, cfg, params, max_shard_bytes)
         _write_tokenizer_files(tmp, tokenizer_files)
+        for name in os.listdir(tmp):  # safetensors and mkdtemp create private files; make them like the rest
+            os.chmod(os.path.join(tmp, name), 0o644)
         os.chmod(tmp, 0o755)
         if os.path.exists(path):
             moved = os.path.join(tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent), "model")
