@@ -1,7 +1,7 @@
 """The Llama forward pass as pure functions over the parameter pytree; layers run under `jax.lax.scan`.
 
 Three entry points share one layer stack and differ only in how attention sees the past:
-    forward      full causal attention over a sequence (training, perplexity), no cache
+    forward_aux  a whole sequence, no cache, with a SequenceAttention (vanilla causal, or DMC's training form)
     prefill      a right-padded batch of prompts through a cache method, which builds its cache
     decode_step  one token per sequence through a cache method
 
@@ -10,7 +10,7 @@ Shape letters: B batch, T time, D model width, H query heads, K KV heads, Dh hea
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,29 @@ from dmc_jax.model.config import ModelConfig
 from dmc_jax.model.layers import Rope, rms_norm, swiglu
 from dmc_jax.model.params import Params
 
-# (layer, q_BTHD, k_BTKD, v_BTKD, state) -> (out_BTHD, state); q/k before RoPE.
+# (layer, q_BTHD, k_BTKD, v_BTKD, state) -> (out_BTHD, state, aux); q/k before RoPE; aux is stacked over layers.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, State], tuple]
+
+
+class SequenceAttention(Protocol):
+    """Attention over a whole sequence without a cache (training, perplexity): vanilla causal or DMC's form.
+
+    Returns the attention output and an aux pytree (e.g. DMC decisions) that forward_aux stacks over layers.
+    """
+
+    def __call__(self, layer: jax.Array, q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
+                 positions_BT: jax.Array, segment_ids_BT: Optional[jax.Array], rope: Rope,
+                 rng: Optional[jax.Array]) -> tuple[jax.Array, Any]:
+        ...
+
+
+def causal_attention(layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, rng):
+    """The vanilla SequenceAttention: RoPE, causal softmax attention reset at segment boundaries; no aux."""
+    B, T = q_BTHD.shape[:2]
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_B1TT = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+    q_BTHD, k_BTKD = rope(q_BTHD, positions_BT), rope(k_BTKD, positions_BT)
+    return grouped_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TT), None
 
 
 def unstack_layers(params: Params) -> Params:
@@ -52,22 +73,23 @@ def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: Att
         q_BTHD = jnp.einsum("btd,dhk->bthk", h_BTD, w["q"])
         k_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["k"])
         v_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["v"])
-        attn_BTHD, state = attend(layer, q_BTHD, k_BTKD, v_BTKD, state)
+        attn_BTHD, state, aux = attend(layer, q_BTHD, k_BTKD, v_BTKD, state)
         x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_BTHD, w["o"])
         h_BTD = rms_norm(x_BTD, w["mlp_norm"], cfg.norm_eps)
         x_BTD = x_BTD + swiglu(h_BTD, w["gate"], w["up"], w["down"])
-        return (x_BTD, state), None
+        return (x_BTD, state), aux
 
     if cfg.remat:
         layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
     if isinstance(params["layers"], tuple):
-        carry = (x_BTD, state)
+        carry, auxes = (x_BTD, state), []
         for i, w in enumerate(params["layers"]):
-            carry, _ = layer_fn(carry, (w, jnp.int32(i)))
-        return carry
+            carry, aux = layer_fn(carry, (w, jnp.int32(i)))
+            auxes.append(aux)
+        return carry[0], carry[1], jax.tree.map(lambda *a: jnp.stack(a), *auxes)
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x_BTD, state), _ = jax.lax.scan(layer_fn, (x_BTD, state), (params["layers"], layers))
-    return x_BTD, state
+    (x_BTD, state), aux = jax.lax.scan(layer_fn, (x_BTD, state), (params["layers"], layers))
+    return x_BTD, state, aux
 
 
 def _embed(params: Params, tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -84,28 +106,31 @@ def _logits(params: Params, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
                       preferred_element_type=jnp.float32)
 
 
-def hidden_states(params: Params, tokens_BT: jax.Array, cfg: ModelConfig,
-                  positions_BT: Optional[jax.Array] = None,
-                  segment_ids_BT: Optional[jax.Array] = None) -> jax.Array:
-    """Final-layer activations [B, T, D] with full causal attention (reset at segment boundaries if given)."""
+def forward_aux(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, positions_BT: Optional[jax.Array] = None,
+                segment_ids_BT: Optional[jax.Array] = None, attention: SequenceAttention = causal_attention,
+                rng: Optional[jax.Array] = None) -> tuple[jax.Array, Any]:
+    """Logits [B, T, V] (fp32) of a full pass with `attention` in every layer, and its aux stacked over layers.
+
+    Segment ids (packed documents) reset attention at boundaries; positions default to 0..T-1.
+    """
     B, T = tokens_BT.shape
-    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    positions_BT = index_BT if positions_BT is None else positions_BT
-    mask_B1TT = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     rope = Rope(cfg)
 
     def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
-        q_BTHD, k_BTKD = rope(q_BTHD, positions_BT), rope(k_BTKD, positions_BT)
-        return grouped_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TT), state
+        layer_rng = None if rng is None else jax.random.fold_in(rng, layer)
+        out_BTHD, aux = attention(layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, layer_rng)
+        return out_BTHD, state, aux
 
-    x_BTD, _ = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, None)
-    return x_BTD
+    x_BTD, _, aux = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, None)
+    return _logits(params, x_BTD, cfg), aux
 
 
 def forward(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, positions_BT: Optional[jax.Array] = None,
             segment_ids_BT: Optional[jax.Array] = None) -> jax.Array:
     """Logits [B, T, V] (fp32) of a full causal forward pass."""
-    return _logits(params, hidden_states(params, tokens_BT, cfg, positions_BT, segment_ids_BT), cfg)
+    return forward_aux(params, tokens_BT, cfg, positions_BT, segment_ids_BT)[0]
 
 
 def prefill(params: Params, tokens_BT: jax.Array, lengths_B: jax.Array, state: State, method: CacheMethod,
@@ -114,9 +139,9 @@ def prefill(params: Params, tokens_BT: jax.Array, lengths_B: jax.Array, state: S
     rope = Rope(cfg)
 
     def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
-        return method.prefill(state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope)
+        return (*method.prefill(state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope), None)
 
-    x_BTD, state = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, state)
+    x_BTD, state, _ = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, state)
     last_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
     return _logits(params, last_B1D, cfg)[:, 0], state
 
@@ -128,7 +153,7 @@ def decode_step(params: Params, tokens_B: jax.Array, positions_B: jax.Array, sta
 
     def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
         out_BHD, state = method.decode(state, layer, q_BTHD[:, 0], k_BTKD[:, 0], v_BTKD[:, 0], positions_B, rope)
-        return out_BHD[:, None], state
+        return out_BHD[:, None], state, None
 
-    x_BTD, state = _layer_stack(params, _embed(params, tokens_B[:, None], cfg), cfg, attend, state)
+    x_BTD, state, _ = _layer_stack(params, _embed(params, tokens_B[:, None], cfg), cfg, attend, state)
     return _logits(params, x_BTD, cfg)[:, 0], state
