@@ -60,17 +60,16 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
                 yield doc.key, {"text": doc.text, "source": doc.key}
 
 
-def config_name(root: pathlib.Path, fingerprint: str) -> str:
-    """`<directory name>_<fingerprint>`: the builder config (and dataset directory) name of a corpus."""
-    slug = re.sub(r"[^a-z0-9]+", "_", root.name.lower()).strip("_")[:40] or "corpus"
+def config_name(label: str, fingerprint: str) -> str:
+    """`<label>_<fingerprint>`: the builder config (and dataset directory) name of a corpus."""
+    slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")[:40] or "corpus"
     return f"{slug}_{fingerprint}"
 
 
-def config_for(root: pathlib.Path, fingerprint: str, unit: str, min_chars: int, cut: int) -> LocalTextConfig:
+def config_for(name: str, root: pathlib.Path, unit: str, min_chars: int, cut: int) -> LocalTextConfig:
     """The builder config of a scanned corpus."""
-    return LocalTextConfig(name=config_name(root, fingerprint), description=f"documents of {root}",
-                           source_dir=str(root), document_unit=unit, min_document_chars=min_chars,
-                           validation_cut=str(cut))
+    return LocalTextConfig(name=name, description=f"documents of {root}", source_dir=str(root), document_unit=unit,
+                           min_document_chars=min_chars, validation_cut=str(cut))
 
 
 def dataset_dir(data_dir: str | pathlib.Path, config_name: str) -> pathlib.Path:

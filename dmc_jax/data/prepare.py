@@ -54,7 +54,7 @@ def _write_local(cfg_data, resolved: sources.Resolved, scan: text_files.CorpusSc
     """Writes the dataset with TFDS (array_record, no tensorflow needed)."""
     import tensorflow_datasets as tfds
 
-    config = local_text_builder.config_for(resolved.root, resolved.fingerprint, cfg_data.document_unit,
+    config = local_text_builder.config_for(resolved.config, resolved.root, cfg_data.document_unit,
                                            cfg_data.min_document_chars, scan.cut)
     tfds.display_progress_bar(cfg_data.progress)
     builder = local_text_builder.LocalText(config=config, data_dir=cfg_data.data_dir, file_format="array_record")

@@ -23,7 +23,8 @@ class Resolved:
     """A data.source made concrete: kind 'local' (corpus directory + its dataset directory) or 'tfds' (a name)."""
 
     kind: str
-    name: str
+    name: str  # the TFDS name: 'local_text/<config>' or the catalog name
+    config: str = ""  # local: the builder config name, '<directory name>_<fingerprint>'
     root: Optional[pathlib.Path] = None
     files: tuple = ()
     fingerprint: str = ""
@@ -38,17 +39,18 @@ def resolve(cfg_data, fetch: bool = False) -> Resolved:
     if source == "default":
         if fetch:
             default_corpus.ensure_default_corpus(cfg_data.cache_dir)
-        root = default_corpus.train_dir(cfg_data.cache_dir)
+        root, label = default_corpus.train_dir(cfg_data.cache_dir), default_corpus.DIRNAME
         if not root.is_dir():
             raise UserError(f"the default corpus is not in {str(root)!r} yet; run the prepare_data task first")
     else:
         root = pathlib.Path(source).expanduser()
+        label = root.resolve().name
     root = root.resolve()
     files = text_files.list_text_files(root)
     fp = text_files.fingerprint(root, files, cfg_data.document_unit, cfg_data.min_document_chars,
                                 cfg_data.validation_fraction)
-    config = local_text_builder.config_name(root, fp)
-    return Resolved("local", f"{local_text_builder.NAME}/{config}", root, tuple(files), fp,
+    config = local_text_builder.config_name(label, fp)
+    return Resolved("local", f"{local_text_builder.NAME}/{config}", config, root, tuple(files), fp,
                     local_text_builder.dataset_dir(cfg_data.data_dir, config))
 
 
