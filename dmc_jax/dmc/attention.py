@@ -1,0 +1,72 @@
+"""DMC's training form of attention: partial accumulations, RoPE at each position, the soft merge mask.
+
+logit(t, j) = q_t . k^_j / sqrt(Dh) + log(1 - alpha_{j+1})   for j < t (causal; the diagonal j = t is exempt)
+A key j whose slot was merged into at j + 1 is (softly) hidden from later queries. In hard mode the penalty is a
+large negative number where alpha_{j+1} = 1, so attention sees exactly the slots the inference cache keeps.
+
+Shape letters: B batch, T time, S key positions (= T), H query heads, K KV heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from dmc_jax.dmc.accumulate import accumulate
+from dmc_jax.dmc.config import DMCConfig
+from dmc_jax.dmc.decisions import decisions, read_channel, sequence_starts, zero_channel
+from dmc_jax.model.attention import causal_mask, grouped_attention
+
+HIDDEN = -1e9  # hard-mode penalty for a merged slot (finite, so a fully hidden row still normalizes)
+
+
+def merge_penalty(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> jax.Array:
+    """[B, K, T, S] additive logits: log(1 - alpha_{j+1}) below the diagonal, 0 on and above it."""
+    B, T, K = alpha_BTK.shape
+    if dmc.mode == "train":
+        # log(1 - sigmoid(z)) = log_sigmoid(-z), stable where alpha ~ 1; forced appends (alpha = 0) give 0.
+        log_keep_BTK = jnp.where(alpha_BTK == 0.0, 0.0, jax.nn.log_sigmoid(-z_BTK))
+    else:
+        log_keep_BTK = jnp.where(alpha_BTK > 0.5, HIDDEN, 0.0)
+    # key j is penalised by the decision of token j + 1; the last key has no successor yet.
+    next_BKS = jnp.concatenate([log_keep_BTK[:, 1:], jnp.zeros((B, 1, K))], axis=1).transpose(0, 2, 1)
+    below_TS = jnp.arange(T)[None, :] < jnp.arange(T)[:, None]
+    return jnp.where(below_TS[None, None], next_BKS[:, :, None, :], 0.0)
+
+
+def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, segment_ids_BT, rope, ch: int,
+             dmc: DMCConfig) -> jax.Array:
+    """Attention output [B, T, H, Dh] given decisions; q/k pre-RoPE with channel ch already zeroed."""
+    B, T = q_BTHD.shape[:2]
+    khat_BTKD, vhat_BTKD = accumulate(alpha_BTK, omega_BTK, (k_BTKD, v_BTKD), dmc.window)
+    khat_BTKD = rope(khat_BTKD.astype(k_BTKD.dtype), positions_BT)
+    q_BTHD = rope(q_BTHD, positions_BT)
+    if dmc.zero_after_rope:
+        khat_BTKD, q_BTHD = zero_channel(khat_BTKD, ch), zero_channel(q_BTHD, ch)
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+    bias_BKTS = merge_penalty(alpha_BTK, z_BTK, dmc)
+    return grouped_attention(q_BTHD, khat_BTKD, vhat_BTKD.astype(v_BTKD.dtype), mask_B1TS, bias_BKTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DMCAttention:
+    """The SequenceAttention of a DMC model (llama.forward_aux(..., attention=DMCAttention(dmc), rng=...)).
+
+    aux per layer: alpha_st_BTK (straight-through 0/1 decisions for the compression loss), alpha_BTK (what the
+    layer used), omega_BTK.
+    """
+
+    dmc: DMCConfig
+
+    def __call__(self, layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, rng: Optional[jax.Array]):
+        B, T, _, Dh = q_BTHD.shape
+        a_BTK, omega_BTK, q_BTHD, k_BTKD = read_channel(q_BTHD, k_BTKD, self.dmc)
+        starts_BT = sequence_starts(B, T, segment_ids_BT)
+        alpha_BTK, alpha_st_BTK, z_BTK = decisions(a_BTK, starts_BT, self.dmc, rng)
+        out_BTHD = dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, segment_ids_BT,
+                            rope, self.dmc.channel(Dh), self.dmc)
+        return out_BTHD, {"alpha_st_BTK": alpha_st_BTK, "alpha_BTK": alpha_BTK, "omega_BTK": omega_BTK}
