@@ -38,14 +38,20 @@ def merge_penalty(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> jax
 
 
 def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, segment_ids_BT, rope, ch: int,
-             dmc: DMCConfig) -> jax.Array:
-    """Attention output [B, T, H, Dh] given decisions; q/k pre-RoPE with channel ch already zeroed."""
+             dmc: DMCConfig, post_rope_keep=None) -> jax.Array:
+    """Attention output [B, T, H, Dh] given decisions; q/k pre-RoPE with channel ch already zeroed.
+
+    Channel ch of the rotated q and k is multiplied by post_rope_keep (default: 0 if dmc.zero_after_rope else 1).
+    """
     B, T = q_BTHD.shape[:2]
     khat_BTKD, vhat_BTKD = accumulate(alpha_BTK, omega_BTK, (k_BTKD, v_BTKD), dmc.window)
     khat_BTKD = rope(khat_BTKD.astype(k_BTKD.dtype), positions_BT)
     q_BTHD = rope(q_BTHD, positions_BT)
-    if dmc.zero_after_rope:
+    if post_rope_keep is None and dmc.zero_after_rope:
         khat_BTKD, q_BTHD = zero_channel(khat_BTKD, ch), zero_channel(q_BTHD, ch)
+    elif post_rope_keep is not None:
+        khat_BTKD = khat_BTKD.at[..., ch].multiply(jnp.asarray(post_rope_keep, khat_BTKD.dtype))
+        q_BTHD = q_BTHD.at[..., ch].multiply(jnp.asarray(post_rope_keep, q_BTHD.dtype))
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
     bias_BKTS = merge_penalty(alpha_BTK, z_BTK, dmc)
@@ -56,17 +62,35 @@ def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, 
 class DMCAttention:
     """The SequenceAttention of a DMC model (llama.forward_aux(..., attention=DMCAttention(dmc), rng=...)).
 
+    active / fade (optional traced scalars) fold the recipe's zero-out stage into the same computation: while
+    `active` is False every decision is 'append' and channel ch of q and k is scaled by `fade` instead of read and
+    zeroed, which is exactly the vanilla model with a faded channel (so one compiled step serves every stage).
+
     aux per layer: alpha_st_BTK (straight-through 0/1 decisions for the compression loss), alpha_BTK (what the
     layer used), omega_BTK.
     """
 
     dmc: DMCConfig
+    active: Optional[jax.Array] = None
+    fade: Optional[jax.Array] = None
 
     def __call__(self, layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, rng: Optional[jax.Array]):
         B, T, _, Dh = q_BTHD.shape
+        ch = self.dmc.channel(Dh)
+        q_in_BTHD, k_in_BTKD = q_BTHD, k_BTKD
         a_BTK, omega_BTK, q_BTHD, k_BTKD = read_channel(q_BTHD, k_BTKD, self.dmc)
         starts_BT = sequence_starts(B, T, segment_ids_BT)
         alpha_BTK, alpha_st_BTK, z_BTK = decisions(a_BTK, starts_BT, self.dmc, rng)
+        post_rope_keep = None
+        if self.active is not None:
+            fade = jnp.float32(1.0) if self.fade is None else self.fade
+            keep_ch = jnp.where(self.active, 0.0, fade)  # inactive: faded channel instead of a zeroed one
+            q_BTHD = q_in_BTHD.at[..., ch].multiply(keep_ch.astype(q_BTHD.dtype))
+            k_BTKD = k_in_BTKD.at[..., ch].multiply(keep_ch.astype(k_BTKD.dtype))
+            alpha_BTK = jnp.where(self.active, alpha_BTK, 0.0)
+            alpha_st_BTK = jnp.where(self.active, alpha_st_BTK, 0.0)
+            # Zeroing after RoPE belongs to DMC, not to the vanilla model that the inactive stage runs.
+            post_rope_keep = jnp.where(self.active, 0.0 if self.dmc.zero_after_rope else 1.0, 1.0)
         out_BTHD = dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, segment_ids_BT,
-                            rope, self.dmc.channel(Dh), self.dmc)
+                            rope, ch, self.dmc, post_rope_keep)
         return out_BTHD, {"alpha_st_BTK": alpha_st_BTK, "alpha_BTK": alpha_BTK, "omega_BTK": omega_BTK}
