@@ -20,7 +20,18 @@ def get_config():
     c.model.remat = False
 
     c.cache = ml_collections.ConfigDict()
-    c.cache.method = "dense"
+    c.cache.method = "dense"        # dense | streaming_llm | h2o | tova | snapkv | corm | corm_capped
+    # Eviction policies (docs: /work/shared/docs/BASELINES.md); budget = KV slots per layer, sequence and KV head.
+    c.cache.budget = 256                 # the buffer allocated (not corm, whose size is adaptive)
+    c.cache.n_sink = 4                   # streaming_llm: initial tokens always kept (attention sinks)
+    c.cache.h2o_recent_ratio = 0.5       # h2o: share of the budget for recent tokens, the rest heavy hitters
+    c.cache.tova_per_head = False        # tova: score per KV head instead of the mean over the layer's heads
+    c.cache.snapkv_window = 32           # snapkv: observation window (last prompt queries), always kept
+    c.cache.snapkv_kernel = 5            # snapkv: average pooling of the observation scores (odd)
+    c.cache.snapkv_decode_evict = "score"  # snapkv, buffer full while decoding: drop 'score' (lowest) or 'oldest'
+    c.cache.corm_window = 32             # corm: w, the recent queries that must all find a key unimportant
+    c.cache.corm_recent = 32             # corm: r, the most recent tokens are never evicted
+    c.cache.corm_alpha = 1.0             # corm: unimportant = attention below alpha / keys seen (1 = uniform)
 
     c.generate = ml_collections.ConfigDict()
     c.generate.prompt = "Explain in two sentences what a key-value cache is in a transformer."

@@ -8,7 +8,7 @@ from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data")
-CACHE_METHODS = ("dense",)
+CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -42,6 +42,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError("model.source is empty; use 'smollm2', a .gguf file or a Hugging Face model directory")
     if "cache" in config:
         _one_of("cache.method", config.cache.method, CACHE_METHODS)
+        from dmc_jax.cache.registry import make_method  # each method checks the ranges of its own fields
+        make_method(config.cache)
     if config.task in ("generate", "demo"):
         _sections(config, ("generate", "cache"))
         g = config.generate
