@@ -104,3 +104,21 @@ def test_train_mode_noise_changes_decisions_and_hard_mode_is_deterministic():
                                                rng=jax.random.PRNGKey(seed))[1]["alpha_BTK"]
     assert not np.array_equal(run("train", 0), run("train", 1))
     np.testing.assert_array_equal(run("hard", 0), run("hard", 1))
+
+
+def test_windowed_accumulation_stays_accurate_over_long_runs():
+    T, w = 1024, 12
+    rng = np.random.default_rng(0)
+    alpha = (rng.uniform(size=(1, T, 1)) < 0.995).astype(np.float32)  # runs hundreds of tokens long
+    alpha[0, 0] = 0
+    omega = rng.uniform(0.01, 1.0, size=(1, T, 1)).astype(np.float32)
+    x = rng.normal(size=(1, T, 1, 4)).astype(np.float32)
+    (got,) = accumulate(jnp.asarray(alpha), jnp.asarray(omega), (jnp.asarray(x),), w)
+    want = np.zeros_like(x, dtype=np.float64)
+    start = 0
+    for t in range(T):
+        if alpha[0, t, 0] == 0:
+            start = t
+        js = range(max(start, t - w + 1), t + 1)
+        want[0, t] = sum(omega[0, j, 0] * x[0, j].astype(np.float64) for j in js) / sum(omega[0, j, 0] for j in js)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-4)

@@ -4,7 +4,8 @@ x^_t = sum_{j<=t} C_{j,t} omega_j x_j / sum_{j<=t} C_{j,t} omega_j, with C_{j,t}
 with a window w, only j > t - w). Computed in fp32, in parallel over time:
 - unbounded: Z_t = alpha_t Z_{t-1} + omega_t and x^_t = (1 - r_t) x^_{t-1} + r_t x_t with r_t = omega_t / Z_t,
   both linear recurrences evaluated with `jax.lax.associative_scan`;
-- window w: a banded sum over the w offsets (a static loop over offsets, never over time).
+- window w: the unbounded means corrected by what fell out of the window (the same subtraction the inference
+  cache's ring buffer does), which costs a few elementwise passes instead of w.
 Both are written as convex combinations so that alpha_t = 0 gives x^_t = x_t bitwise (DMC with every decision
 "append" is exactly the vanilla model).
 
@@ -42,25 +43,18 @@ def accumulate(alpha_BTK: jax.Array, omega_BTK: jax.Array, xs: tuple, window: Op
     """Partial accumulations (fp32) of each x_BTKD in xs under decisions alpha and importances omega."""
     alpha_BTK = alpha_BTK.astype(jnp.float32)
     omega_BTK = omega_BTK.astype(jnp.float32)
-    xs = tuple(x.astype(jnp.float32) for x in xs)
-    if window is None:
-        z_BTK = _linear_scan(alpha_BTK, omega_BTK)
-        r_BTK1 = (omega_BTK / z_BTK)[..., None]
-        return tuple(_linear_scan(1.0 - r_BTK1, r_BTK1 * x) for x in xs)
-    T = alpha_BTK.shape[1]
-    w = min(window, T)
-    # weight of token t - d in position t's slot: P_{t,d} omega_{t-d}, P_{t,0} = 1, P_{t,d} = P_{t,d-1} alpha_{t-d+1}
-    weights, p_BTK = [], jnp.ones_like(alpha_BTK)
-    for d in range(w):
-        if d > 0:
-            p_BTK = p_BTK * _shift(alpha_BTK, d - 1)
-        weights.append(p_BTK * _shift(omega_BTK, d))
-    z_BTK = sum(weights[1:], weights[0])
-    outs = []
-    for x in xs:
-        acc = None
-        for d, w_BTK in enumerate(weights):
-            term = (w_BTK / z_BTK)[..., None] * _shift(x, d)
-            acc = term if acc is None else acc + term
-        outs.append(acc)
-    return tuple(outs)
+    z_BTK = _linear_scan(alpha_BTK, omega_BTK)
+    r_BTK1 = (omega_BTK / z_BTK)[..., None]
+    means = tuple(_linear_scan(1.0 - r_BTK1, r_BTK1 * x.astype(jnp.float32)) for x in xs)
+    if window is None or window >= alpha_BTK.shape[1]:
+        return means
+    # Drop what fell out of the window: tokens j <= t - w weigh C_{t-w,t} = alpha_t ... alpha_{t-w+1} times their
+    # weight at t - w, so the windowed mean is the full mean moved away from the mean at t - w:
+    #   x^w_t = x^_t + rho_t (x^_t - x^_{t-w}),  rho_t = C_{t-w,t} Z_{t-w} / (Z_t - C_{t-w,t} Z_{t-w}).
+    # An append inside the window makes C = 0, rho = 0 and x^w_t = x^_t exactly.
+    c_BTK = alpha_BTK
+    for d in range(1, window):
+        c_BTK = c_BTK * _shift(alpha_BTK, d)
+    dropped_BTK = c_BTK * _shift(z_BTK, window)
+    rho_BTK1 = (dropped_BTK / jnp.maximum(z_BTK - dropped_BTK, omega_BTK))[..., None]
+    return tuple(m + rho_BTK1 * (m - _shift(m, window)) for m in means)
