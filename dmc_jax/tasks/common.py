@@ -14,16 +14,19 @@ import numpy as np
 from dmc_jax.errors import UserError
 from dmc_jax.model.llama import unstack_layers
 
+TINY = "tiny"  # model.source of a random tiny model (tests, smoke runs)
+
 
 def load_model(config: ml_collections.ConfigDict, layout: str = "inference"):
     """The model of config.model with the config's dtypes and max_seq_len applied, params on the device.
 
     layout 'inference' gives per-layer weight buffers (llama.unstack_layers: faster prefill and decode);
     'training' keeps the stacked layout that the layer scan and sharding rules expect.
+    model.source 'tiny' is a random tiny_config() model with a byte tokenizer (tests and smoke runs).
     """
     from dmc_jax.weights import load_model as load_weights
 
-    loaded = load_weights(config.model.source)
+    loaded = tiny_model(config.get("seed", 0)) if config.model.source == TINY else load_weights(config.model.source)
     cfg = loaded.cfg
     max_len = config.model.max_seq_len or cfg.max_seq_len
     if max_len > cfg.max_seq_len:
@@ -36,6 +39,19 @@ def load_model(config: ml_collections.ConfigDict, layout: str = "inference"):
         params = unstack_layers(params)  # numpy views: no second copy of the weights
     params = jax.device_put(params)
     return dataclasses.replace(loaded, cfg=cfg, params=params)
+
+
+def tiny_model(seed: int):
+    """model.source 'tiny': random tiny_config() weights (seeded by config.seed) and a byte-level tokenizer."""
+    from dmc_jax.model.config import tiny_config
+    from dmc_jax.model.params import init_params
+    from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
+    from dmc_jax.weights import LoadedModel
+
+    tokenizer = ByteTokenizer()
+    cfg = tiny_config(vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    params = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(seed)))
+    return LoadedModel(cfg, params, tokenizer, f"random tiny model (seed {seed})")
 
 
 def run_dir(config: ml_collections.ConfigDict) -> str:
