@@ -7,7 +7,7 @@ import ml_collections
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
-TASKS = ("demo", "generate", "eval", "bench", "prepare_data")
+TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train")
 CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped")
 
 
@@ -71,6 +71,73 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _at_least("bench.repeats", b.repeats, 1)
         if not b.batch_sizes or any(int(x) < 1 for x in b.batch_sizes):
             raise UserError(f"bench.batch_sizes must be a non-empty tuple of positive ints; got {b.batch_sizes}")
-    if "data" in config and config.task in ("prepare_data", "demo"):
+    if config.task == "train":
+        _sections(config, ("data", "train", "optim", "checkpoint"))
+        _validate_training(config)
+    if "data" in config and config.task in ("prepare_data", "demo", "train"):
         from dmc_jax.data import options as data_options  # the data section validates itself
         data_options.validate(config.data)
+
+
+def _bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be True or False; got {value!r}")
+
+
+def _below(name: str, value, high) -> None:
+    if not value < high:
+        raise UserError(f"{name} must be < {high}; got {value!r}")
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+    """The train, optim, checkpoint and (optional) mesh sections of task 'train'."""
+    from dmc_jax.training.objective import OBJECTIVES
+    from dmc_jax.training.optimizer import SCHEDULES
+    from dmc_jax.training.sharding import AXES
+
+    m, t, o, c = config.model, config.train, config.optim, config.checkpoint
+    _one_of("model.param_dtype (training keeps fp32 master weights; set model.compute_dtype=bfloat16 for bf16 "
+            "compute)", m.param_dtype, ("float32",))
+    _one_of("train.objective", t.objective, sorted(OBJECTIVES))
+    for name in ("steps", "grad_accum", "log_every"):
+        _at_least(f"train.{name}", t[name], 1)
+    for name in ("eval_every", "eval_batches"):
+        _at_least(f"train.{name}", t[name], 0)
+    for name in ("progress", "tensorboard"):
+        _bool(f"train.{name}", t[name])
+    if not o.lr > 0 or o.lr == float("inf"):
+        raise UserError(f"optim.lr must be a positive number; got {o.lr!r}")
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    for name in ("warmup_steps", "hold_steps", "decay_steps", "end_lr", "weight_decay", "clip_norm"):
+        _at_least(f"optim.{name}", o[name], 0)
+    if o.end_lr > o.lr:
+        raise UserError(f"optim.end_lr must be <= optim.lr={o.lr}; got {o.end_lr}")
+    for name in ("b1", "b2"):
+        _at_least(f"optim.{name}", o[name], 0.0)
+        _below(f"optim.{name}", o[name], 1.0)
+    if not o.eps > 0:
+        raise UserError(f"optim.eps must be > 0; got {o.eps!r}")
+    _bool("optim.decay_embeddings", o.decay_embeddings)
+    if not isinstance(c.dir, str):
+        raise UserError(f"checkpoint.dir must be a path ('' = <output_dir>/checkpoints); got {c.dir!r}")
+    _at_least("checkpoint.every_steps", c.every_steps, 0)
+    _at_least("checkpoint.max_to_keep", c.max_to_keep, 0)
+    for name in ("async_save", "resume"):
+        _bool(f"checkpoint.{name}", c[name])
+    if m.max_seq_len and config.data.seq_len > m.max_seq_len:
+        raise UserError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower "
+                        f"data.seq_len or raise model.max_seq_len")
+    if "mesh" in config:
+        sizes = [config.mesh[a] for a in AXES]
+        for axis, size in zip(AXES, sizes):
+            if not isinstance(size, int) or not (size >= 1 or size == -1):
+                raise UserError(f"mesh.{axis} must be a positive device count or -1 (the rest); got {size!r}")
+        if sizes.count(-1) > 1:
+            raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for rule in config.mesh.rules:
+            axes = rule[1] if isinstance(rule, (tuple, list)) and len(rule) == 2 else None
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+                    or any(a not in AXES for a in names)):
+                raise UserError(f"mesh.rules entries must be (logical axis name, mesh axis or tuple of mesh axes "
+                                f"from {', '.join(AXES)} or None); got {rule!r}")

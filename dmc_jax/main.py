@@ -14,10 +14,10 @@ from dmc_jax.config_loader import parse_argv
 from dmc_jax.config_schema import validate
 from dmc_jax.errors import UserError
 
-# task -> (module, needs the model loaded)
+# task -> (module, needs the model loaded[, parameter layout for load_model: 'inference' unless given])
 _TASKS = {"demo": ("dmc_jax.tasks.demo", True), "generate": ("dmc_jax.tasks.generate", True),
           "eval": ("dmc_jax.tasks.evaluate", True), "bench": ("dmc_jax.tasks.bench", True),
-          "prepare_data": ("dmc_jax.tasks.prepare_data", False)}
+          "prepare_data": ("dmc_jax.tasks.prepare_data", False), "train": ("dmc_jax.tasks.train", True, "training")}
 
 
 def run(argv: Sequence[str]) -> str:
@@ -28,12 +28,13 @@ def run(argv: Sequence[str]) -> str:
 
     config = parse_argv(argv)
     validate(config)
-    module_name, needs_model = _TASKS[config.task]
+    module_name, needs_model, *layout = _TASKS[config.task]
     task = importlib.import_module(module_name)
     out_dir = common.run_dir(config)
+    config.output_dir = out_dir  # tasks that write more than results.json (train) use the same directory
     start = time.perf_counter()
     if needs_model:
-        model = common.load_model(config)
+        model = common.load_model(config, *layout)
         print(f"model: {model.source} ({model.cfg.num_params() / 1e6:.1f}M parameters, "
               f"{model.cfg.num_layers} layers, {model.cfg.param_dtype})")
         results = task.run(config, model)

@@ -1,0 +1,13 @@
+"""Continued pretraining, method-agnostic: the loop minimizes an Objective and knows no compression method.
+
+    objective.py    the Objective interface (loss(params, batch, rng, step) -> (loss, metrics)), the LM objective,
+                    and the registry of train.objective names
+    optimizer.py    AdamW with a decay mask, warmup + constant / cosine / linear LR schedules, global-norm clipping
+    step.py         one update (gradient accumulation over micro-batches in fp32) and one evaluation batch
+    sharding.py     the (data, fsdp, tensor) mesh and logical-axis rules -> shardings
+    checkpoint.py   orbax checkpoints: params, optimizer state, RNG key, data iterator position; async, atomic
+    metrics_log.py  metrics.jsonl and TensorBoard event files
+    loop.py         train(config, model, objective, data): jit, shardings, donation, NaN guard, logging, evaluation
+
+Shape letters: B batch rows, T time, V vocab.
+"""

@@ -1,0 +1,96 @@
+"""What the training loop minimizes: the Objective interface, the language-model objective and a name registry.
+
+The loop knows no method: it differentiates `objective.loss` with respect to params. DMC's objective (training-form
+attention plus the compression loss) is a second implementation registered under its own name.
+
+A batch is the packed output of dmc_jax.data: {'tokens', 'segment_ids', 'positions'}, int32 [B, T]; segment id 0
+is padding. Shape letters: B batch, T time, V vocab.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dmc_jax.data.packing import next_token_targets
+from dmc_jax.errors import UserError
+from dmc_jax.model import llama
+from dmc_jax.model.config import ModelConfig
+
+Batch = dict  # {'tokens', 'segment_ids', 'positions'}: int32 [B, T]
+Metrics = dict  # name -> jax.Array (a scalar, or e.g. [layers, kv_heads], which the logger writes as a list)
+
+WEIGHT = "weight"  # optional metric: how much this batch counts when batches are averaged (e.g. target tokens)
+CE = "ce"  # optional metric: the token cross-entropy, when the loss has other terms (perplexity is exp(ce))
+
+
+class Objective(Protocol):
+    """A static object (closed over by the jitted step, never traced) with one pure method:
+
+        loss(params, batch, rng, step) -> (scalar loss, metrics)
+
+    params  the model's parameter pytree (stacked layers, fp32 master weights)
+    batch   Batch, one micro-batch of this process's rows
+    rng     a PRNG key for stochastic objectives (e.g. Gumbel noise), or None for evaluation (deterministic)
+    step    int32 scalar: the 0-based index of the optimizer update being computed (for schedules)
+
+    metrics: a dict of arrays. Two names are special: WEIGHT (how much the batch counts: gradient accumulation,
+    evaluation and logging average micro-batches weighted by it, so accumulation over micro-batches equals one big
+    batch when the loss is a WEIGHT-weighted mean; default 1) and CE (the cross-entropy for perplexity; default
+    the loss itself). Every other metric is logged as its WEIGHT-weighted mean over micro-batches.
+
+    Optional: on_step(params, step: int) -> params, called on the host before update `step` (0-based) with the
+    current params; return them unchanged (the same object) or edited (e.g. DMC's weight surgery when a stage
+    begins). It must depend only on (params, step), so that a resumed run does the same.
+    """
+
+    def loss(self, params: Any, batch: Batch, rng: Optional[jax.Array], step: jax.Array) -> tuple[jax.Array,
+                                                                                                   Metrics]:
+        ...
+
+
+class LanguageModelObjective:
+    """Next-token cross-entropy with plain causal attention; targets only inside the same segment (no padding)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def loss(self, params, batch: Batch, rng, step):
+        logits_BTV, _ = llama.forward_aux(params, batch["tokens"], self.cfg, batch["positions"],
+                                          batch["segment_ids"], attention=llama.causal_attention)
+        return token_cross_entropy(logits_BTV, batch)
+
+
+def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
+    """(mean cross-entropy over target tokens, {WEIGHT: target count, 'accuracy'}) in fp32; 0 when no targets."""
+    targets_BT, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+    count = weights_BT.sum()
+    denom = jnp.maximum(count, 1.0)
+    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    return (ce_BT * weights_BT).sum() / denom, {WEIGHT: count, "accuracy": (correct_BT * weights_BT).sum() / denom}
+
+
+# train.objective -> 'module:attribute' of a factory (config, model_cfg) -> Objective, imported on first use
+# (so this module imports no method). Add an entry for a new method, e.g. 'dmc': 'dmc_jax.dmc.objective:make'.
+OBJECTIVES = {
+    "lm": "dmc_jax.training.objective:make_language_model",
+}
+
+
+def make_language_model(config, cfg: ModelConfig) -> LanguageModelObjective:
+    """Factory of train.objective 'lm'."""
+    return LanguageModelObjective(cfg)
+
+
+def make_objective(name: str, config, cfg: ModelConfig) -> Objective:
+    """The objective registered as `name`, built from the run config and the model config."""
+    if name not in OBJECTIVES:
+        raise UserError(f"train.objective must be one of {', '.join(sorted(OBJECTIVES))}; got {name!r}")
+    module, attr = OBJECTIVES[name].split(":")
+    factory: Callable = getattr(importlib.import_module(module), attr)
+    return factory(config, cfg)
