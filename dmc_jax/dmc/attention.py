@@ -38,10 +38,12 @@ def merge_penalty(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> jax
 
 
 def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, segment_ids_BT, rope, ch: int,
-             dmc: DMCConfig, post_rope_keep=None) -> jax.Array:
+             dmc: DMCConfig, post_rope_keep=None, return_slots: bool = False):
     """Attention output [B, T, H, Dh] given decisions; q/k pre-RoPE with channel ch already zeroed.
 
     Channel ch of the rotated q and k is multiplied by post_rope_keep (default: 0 if dmc.zero_after_rope else 1).
+    return_slots: also return the rotated partial accumulations (khat_BTKD, vhat_BTKD): the value each slot
+    holds after token t, which is what the inference cache stores (prefill builds its cache from them).
     """
     B, T = q_BTHD.shape[:2]
     khat_BTKD, vhat_BTKD = accumulate(alpha_BTK, omega_BTK, (k_BTKD, v_BTKD), dmc.window)
@@ -55,7 +57,9 @@ def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, 
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
     bias_BKTS = merge_penalty(alpha_BTK, z_BTK, dmc)
-    return grouped_attention(q_BTHD, khat_BTKD, vhat_BTKD.astype(v_BTKD.dtype), mask_B1TS, bias_BKTS)
+    vhat_BTKD = vhat_BTKD.astype(v_BTKD.dtype)
+    out_BTHD = grouped_attention(q_BTHD, khat_BTKD, vhat_BTKD, mask_B1TS, bias_BKTS)
+    return (out_BTHD, khat_BTKD, vhat_BTKD) if return_slots else out_BTHD
 
 
 @dataclasses.dataclass(frozen=True)

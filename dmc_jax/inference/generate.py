@@ -114,6 +114,8 @@ def generate(params: Params, prompts: Sequence[Sequence[int]], cfg: ModelConfig,
     rng_first, rng_loop = jax.random.split(rng)
     first_B, state = prefill_and_sample(params, tokens_BT, lengths_B, state, rng_first, method, cfg, gen)
     out_BN, done_B, state = decode_loop(params, first_B, lengths_B, state, rng_loop, method, cfg, gen)
+    if hasattr(method, "check"):  # methods that can run out of room say so instead of returning garbage
+        method.check(state)
     out_BN, done_B = np.asarray(out_BN), np.asarray(done_B)
     tokens, seen = [], []
     for b in range(len(prompts)):

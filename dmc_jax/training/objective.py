@@ -79,6 +79,7 @@ def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array,
 # (so this module imports no method). Add an entry for a new method, e.g. 'dmc': 'dmc_jax.dmc.objective:make'.
 OBJECTIVES = {
     "lm": "dmc_jax.training.objective:make_language_model",
+    "dmc": "dmc_jax.dmc.objective:make",
 }
 
 

@@ -1,0 +1,114 @@
+"""The DMC retrofit objective for the training loop: one compiled step for all three stages of the recipe.
+
+  step < zero_out_steps                 stage 1: vanilla model, decision channel faded 1 -> 0, no DMC
+  (then the loop applies `on_step`: W_q/W_k columns of the channel set to 0)
+  < zero_out + retrofit                 stage 2: DMC, CR target rising linearly 1 -> CR*
+  afterwards                            stage 3: DMC at CR*
+loss = token cross-entropy + cr_loss_weight * l_CR. With `control=True` the same recipe runs with every decision
+forced to 'append' (CR 1): the vanilla control that sees the same tokens.
+Evaluation (rng None) uses hard decisions, so validation CR is what inference would keep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dmc_jax.dmc.attention import DMCAttention
+from dmc_jax.dmc.config import DMCConfig
+from dmc_jax.dmc.loss import compression_loss, compression_ratio, decision_stats, target_cr
+from dmc_jax.dmc.surgery import fade_factor, zero_decision_rows
+from dmc_jax.errors import UserError
+from dmc_jax.model import llama
+from dmc_jax.model.config import ModelConfig
+from dmc_jax.training.objective import CE, token_cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class DMCObjective:
+    cfg: ModelConfig
+    dmc: DMCConfig
+    final_cr: float
+    zero_out_steps: int
+    retrofit_steps: int
+    cr_loss_weight: float = 1.0
+    control: bool = False
+
+    def loss(self, params, batch, rng: Optional[jax.Array], step):
+        step = jnp.asarray(step, jnp.int32)
+        active = step >= self.zero_out_steps
+        if self.control:
+            active = jnp.zeros((), bool)
+        mode = "train" if rng is not None else "hard"
+        attention = DMCAttention(self.dmc.replace(mode=mode), active=active,
+                                 fade=fade_factor(step, self.zero_out_steps))
+        logits_BTV, aux = llama.forward_aux(params, batch["tokens"], self.cfg, batch["positions"],
+                                            batch["segment_ids"], attention=attention, rng=rng)
+        ce, metrics = token_cross_entropy(logits_BTV, batch)
+        valid_BT = batch["segment_ids"] > 0
+        target = target_cr(step, self.final_cr, self.zero_out_steps, self.retrofit_steps)
+        l_cr = compression_loss(aux["alpha_st_BTK"], valid_BT, target)
+        stats = decision_stats(jax.lax.stop_gradient(aux["alpha_st_BTK"]), valid_BT)
+        metrics.update({
+            CE: ce, "cr_loss": l_cr, "cr_target": target, "cr": compression_ratio(stats["alpha_mean"]),
+            "cr_layer": compression_ratio(stats["alpha_layer"]),
+            "cr_layer_head": compression_ratio(stats["alpha_layer_head"]),
+            "stage": jnp.where(active, jnp.where(step >= self.zero_out_steps + self.retrofit_steps, 3, 2), 1),
+        })
+        return ce + self.cr_loss_weight * l_cr, metrics
+
+    def on_step(self, params, step: int):
+        """Host-side hook before `step`: the weight surgery at the first DMC step (idempotent on resume)."""
+        if step == self.zero_out_steps:
+            return zero_decision_rows(params, self.dmc)
+        return params
+
+
+def dmc_config(c: ml_collections.ConfigDict) -> DMCConfig:
+    """DMCConfig from the `dmc` config section (window 0 = unbounded)."""
+    return DMCConfig(decision_channel=c.decision_channel, decision_offset=c.decision_offset,
+                     temperature=c.temperature, importance_eps=c.importance_eps, window=c.window or None,
+                     zero_after_rope=c.zero_after_rope)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `dmc` config section, reference defaults (DMC.md)."""
+    return ml_collections.ConfigDict(dict(
+        target_cr=2.0,            # CR* reached at the end of the retrofit stage
+        zero_out_steps=250,       # stage 1
+        retrofit_steps=6000,      # stage 2 (CR target ramp); stage 3 = the remaining train.steps
+        cr_loss_weight=1.0,
+        control=False,            # True: same recipe, every decision 'append' (the vanilla control)
+        decision_channel=-1,      # -1 = last (reference); the paper's text says the first (0)
+        decision_offset=5.0,
+        temperature=0.1,
+        importance_eps=2.0 ** -7,
+        window=12,                # accumulation window; 0 = unbounded
+        zero_after_rope=True,     # reference convention (see dmc_jax/dmc/config.py)
+    ))
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    if c.target_cr < 1.0:
+        raise UserError(f"dmc.target_cr must be >= 1; got {c.target_cr}")
+    for name in ("zero_out_steps", "retrofit_steps"):
+        if c[name] < 0:
+            raise UserError(f"dmc.{name} must be >= 0; got {c[name]}")
+    if c.cr_loss_weight < 0:
+        raise UserError(f"dmc.cr_loss_weight must be >= 0; got {c.cr_loss_weight}")
+    dmc_config(c)  # the dataclass checks the rest
+
+
+def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMCObjective:
+    """Factory registered as train.objective = 'dmc'."""
+    if "dmc" not in config:
+        raise UserError("train.objective='dmc' needs a 'dmc' config section; start from configs/smollm2_dmc.py")
+    c = config.dmc
+    validate(c)
+    return DMCObjective(cfg=model_cfg, dmc=dmc_config(c), final_cr=float(c.target_cr),
+                        zero_out_steps=int(c.zero_out_steps), retrofit_steps=int(c.retrofit_steps),
+                        cr_loss_weight=float(c.cr_loss_weight), control=bool(c.control))
