@@ -5,10 +5,12 @@ python -m dmc_jax.main --config configs/smollm2.py [--config.task=generate|eval|
 
 import ml_collections
 
+from dmc_jax.data import options as data_options
+
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.task = "demo"          # demo | generate | eval | bench
+    c.task = "demo"          # demo | generate | eval | bench | prepare_data
     c.output_dir = ""        # '' = runs/<task>-<timestamp>; results.json is written there
     c.seed = 0
 
@@ -48,6 +50,8 @@ def get_config():
     c.eval.stride = 512
     c.eval.max_tokens = 8192        # evaluate the first N tokens of each file; 0 = all
     c.eval.batch = 1
+
+    c.data = data_options.default_config()  # the training corpus (task prepare_data); see dmc_jax/data/options.py
 
     c.bench = ml_collections.ConfigDict()
     c.bench.prefill_len = 512
