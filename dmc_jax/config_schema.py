@@ -7,7 +7,7 @@ import ml_collections
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
-TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train")
+TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit")
 CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped")
 
 
@@ -44,15 +44,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _one_of("cache.method", config.cache.method, CACHE_METHODS)
         from dmc_jax.cache.registry import make_method  # each method checks the ranges of its own fields
         make_method(config.cache)
-    if config.task in ("generate", "demo"):
-        _sections(config, ("generate", "cache"))
+    if config.task in ("generate", "demo", "retrofit"):
+        _sections(config, ("generate",) if config.task == "retrofit" else ("generate", "cache"))
         g = config.generate
         _at_least("generate.max_new_tokens", g.max_new_tokens, 1)
         _at_least("generate.temperature", g.temperature, 0.0)
         _at_least("generate.top_k", g.top_k, 0)
         if not 0.0 < g.top_p <= 1.0:
             raise UserError(f"generate.top_p must be in (0, 1] (1 = off); got {g.top_p}")
-    if config.task in ("eval", "demo"):
+    if config.task in ("eval", "demo", "retrofit"):
         _sections(config, ("eval",))
         e = config.eval
         _at_least("eval.window", e.window, 2)
@@ -71,10 +71,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _at_least("bench.repeats", b.repeats, 1)
         if not b.batch_sizes or any(int(x) < 1 for x in b.batch_sizes):
             raise UserError(f"bench.batch_sizes must be a non-empty tuple of positive ints; got {b.batch_sizes}")
-    if config.task == "train":
+    if config.task in ("train", "retrofit"):
         _sections(config, ("data", "train", "optim", "checkpoint"))
         _validate_training(config)
-    if "data" in config and config.task in ("prepare_data", "demo", "train"):
+    if config.task == "retrofit" or (config.task == "train" and config.train.objective == "dmc"):
+        _sections(config, ("dmc",) + (("retrofit",) if config.task == "retrofit" else ()))
+        from dmc_jax.dmc.objective import validate as validate_dmc
+        validate_dmc(config.dmc)
+    if "data" in config and config.task in ("prepare_data", "demo", "train", "retrofit"):
         from dmc_jax.data import options as data_options  # the data section validates itself
         data_options.validate(config.data)
 

@@ -17,7 +17,8 @@ from dmc_jax.errors import UserError
 # task -> (module, needs the model loaded[, parameter layout for load_model: 'inference' unless given])
 _TASKS = {"demo": ("dmc_jax.tasks.demo", True), "generate": ("dmc_jax.tasks.generate", True),
           "eval": ("dmc_jax.tasks.evaluate", True), "bench": ("dmc_jax.tasks.bench", True),
-          "prepare_data": ("dmc_jax.tasks.prepare_data", False), "train": ("dmc_jax.tasks.train", True, "training")}
+          "prepare_data": ("dmc_jax.tasks.prepare_data", False), "train": ("dmc_jax.tasks.train", True, "training"),
+          "retrofit": ("dmc_jax.tasks.retrofit", True, "training")}
 
 
 def run(argv: Sequence[str]) -> str:

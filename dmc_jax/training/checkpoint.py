@@ -81,6 +81,17 @@ class Checkpointer:
                             f"incomplete or corrupt: " + _WHAT_TO_DO.format(dir=self.directory)) from None
         return restored["state"], restored[data_ckpt.ITEM]
 
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """Only the arrays {'params', 'opt_state', 'rng'} of `step` (evaluation, export): no iterator needed."""
+        where = os.path.join(self.directory, str(step))
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+                abstract_state)))
+        except Exception as e:
+            raise UserError(f"checkpoint {where} cannot be restored ({type(e).__name__}: {_first_line(e)}); it is "
+                            f"incomplete or corrupt: " + _WHAT_TO_DO.format(dir=self.directory)) from None
+        return restored["state"]
+
     def wait(self) -> None:
         """Blocks until every started save is written."""
         self._mngr.wait_until_finished()
