@@ -21,7 +21,10 @@ _FALSE = {"false", "0", "no", "off"}
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Imports `path` and returns its get_config()."""
+    """Imports `path` and returns its get_config(); `file.py:ARG` calls get_config('ARG') (ml_collections style)."""
+    arg = None
+    if ":" in path and not os.path.isfile(path):
+        path, arg = path.rsplit(":", 1)
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} not found; pass --config configs/<name>.py")
     spec = importlib.util.spec_from_file_location(f"_dmc_config_{abs(hash(path))}", path)
@@ -32,7 +35,13 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise UserError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {path} defines no get_config(); add one returning an ml_collections.ConfigDict")
-    config = module.get_config()
+    try:
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except UserError:
+        raise
+    except TypeError as e:
+        raise UserError(f"get_config() in {path} does not take {'an argument' if arg else 'no argument'} "
+                        f"({e}); check the ':ARG' suffix of --config") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"get_config() in {path} must return an ml_collections.ConfigDict, got {type(config).__name__}")
     return config
