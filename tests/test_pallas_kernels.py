@@ -198,3 +198,30 @@ def test_kernels_lower_to_triton_for_h100(monkeypatch):
     text = _lower_cuda(jax.grad(loss, argnums=(0, 1, 2, 3)), sds((B, T, K * G, Dh), bf16), sds((B, T, K, Dh), bf16),
                        sds((B, T, K, Dh), bf16), sds((B, K, T), jnp.float32), sds((B, T), jnp.int32))
     assert text.count("custom_call") == 3  # forward, dk/dv/dpen, dq
+
+
+# -------------------------------------------------------------------------------------------- random shapes (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+def test_kernels_match_references_on_random_shapes(seed):
+    """Random shapes, block settings and dtypes for both kernels (each draw compiles anew in interpret mode)."""
+    rng = np.random.default_rng(1000 + seed)
+    dtype = [jnp.float32, jnp.bfloat16][seed % 2]
+    B, K, G = (int(x) for x in rng.integers(1, 4, size=3))
+    Dh, N = int(rng.choice([16, 32, 64])), int(rng.choice([16, 32, 64]))
+    M = int(rng.integers(1, 7))
+    ppb = int(rng.choice([p for p in (1, 2, 4) if p <= M]))
+    pps = [None, ppb, 2 * ppb][int(rng.integers(0, 3))]
+    q, pk, pv, table, count = paged_inputs(rng, B, K, G, Dh, N, M, dtype)
+    out = paged_decode(q, pk, pv, table, count, pages_per_block=ppb, pages_per_split=pps, interpret=True)
+    assert rel(out, paged_decode_ref(q, pk, pv, table, count)) < TOL[dtype]
+
+    T, Dh = int(rng.integers(17, 81)), int(rng.choice([8, 16, 40]))
+    bq, bk = (int(x) for x in rng.choice([16, 32], size=2))
+    q, k, v, pen, seg, do = flash_inputs(rng, 1, T, K, G, Dh, dtype, bool(seed // 2))
+    out_k, vjp_k = jax.vjp(lambda *a: dmc_flash_attention(*a, seg, block_q=bq, block_k=bk, interpret=True),
+                           q, k, v, pen)
+    out_r, vjp_r = jax.vjp(lambda *a: dmc_flash_ref(*a, seg), q, k, v, pen)
+    assert rel(out_k, out_r) < TOL[dtype]
+    for name, gk, gr in zip(("dq", "dk", "dv", "dpen"), vjp_k(do), vjp_r(do)):
+        assert rel(gk, gr) < TOL[dtype], name
