@@ -14,7 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dmc_jax.dmc.attention import HIDDEN, merge_penalty
 from dmc_jax.dmc.config import DMCConfig
 from dmc_jax.errors import UserError
 from dmc_jax.model.attention import causal_mask, decode_attention, grouped_attention
@@ -46,8 +45,9 @@ def paged_decode_attention(q_BHD: jax.Array, pool_k_PND: jax.Array, pool_v_PND: 
         from pallas_kernels import paged_decode
         return paged_decode(q_BHD, pool_k_PND, pool_v_PND, block_table_BKM, count_BK, interpret=_interpret())
     B, K, M = block_table_BKM.shape
-    k_BKSD = pool_k_PND[block_table_BKM].reshape(B, K, M * N, Dh)
-    v_BKSD = pool_v_PND[block_table_BKM].reshape(B, K, M * N, Dh)
+    table_BKM = jnp.maximum(block_table_BKM, 0)  # unallocated entries (-1) read page 0, masked by the count
+    k_BKSD = pool_k_PND[table_BKM].reshape(B, K, M * N, Dh)
+    v_BKSD = pool_v_PND[table_BKM].reshape(B, K, M * N, Dh)
     valid_BKS = jnp.arange(M * N)[None, None] < count_BK[..., None]
     return decode_attention(q_BHD, k_BKSD, v_BKSD, valid_BKS)
 
@@ -57,6 +57,8 @@ def penalty_vector(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> ja
 
     merge_penalty(alpha, z, dmc)[b, k, t, j] == penalty_vector(alpha, z, dmc)[b, k, j] for j < t, 0 elsewhere.
     """
+    from dmc_jax.dmc.attention import HIDDEN  # at call time: dmc.attention may import this module
+
     if dmc.mode == "train":
         log_keep_BTK = jnp.where(alpha_BTK == 0.0, 0.0, jax.nn.log_sigmoid(-z_BTK))
     else:
@@ -76,6 +78,8 @@ def dmc_attention(q_BTHD: jax.Array, khat_BTKD: jax.Array, vhat_BTKD: jax.Array,
         from pallas_kernels import dmc_flash_attention
         pen_BKT = penalty_vector(alpha_BTK, z_BTK, dmc)
         return dmc_flash_attention(q_BTHD, khat_BTKD, vhat_BTKD, pen_BKT, segment_ids_BT, interpret=_interpret())
+    from dmc_jax.dmc.attention import merge_penalty  # at call time: dmc.attention may import this module
+
     B, T = q_BTHD.shape[:2]
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
