@@ -8,8 +8,9 @@ Sections (each row: time, and achieved bandwidth or FLOP/s as a fraction of the 
               8 (ragged per-head counts), pages of 16 and 64: the Pallas kernel vs the XLA reference (dense gather
               of the pages + decode_attention); bandwidth counts the pages in use once
     train     DMC training attention, T = 4096, bf16, forward and forward + backward: the Pallas flash kernel vs
-              the XLA masked version (T x T bias, dmc_jax.kernels 'xla') and jax.nn.dot_product_attention with
-              cuDNN (causal only, no DMC mask: the speed to aim for); FLOPs count the causal half
+              the XLA masked version (grouped_attention with the T x T bias, as in dmc_core) and
+              jax.nn.dot_product_attention with cuDNN (causal only, no DMC mask: the speed to aim for); FLOPs count
+              the causal half
     e2e       decode throughput (tokens/s) of a Llama-2-7B-shaped model (random bf16 weights) with a context of
               2048 tokens at the largest batch whose cache fits: vanilla (dense cache, XLA attention) vs DMC with
               decisions forced to CR 2, 4, 8 (every CR-th token appends; accumulate = running mean + re-rotated
@@ -43,6 +44,7 @@ from dmc_jax.cache.dense import DenseCache  # noqa: E402
 from dmc_jax.cache.protocol import state_bytes  # noqa: E402
 from dmc_jax.dmc.config import DMCConfig  # noqa: E402
 from dmc_jax.model import llama  # noqa: E402
+from dmc_jax.model.attention import causal_mask, grouped_attention  # noqa: E402
 from dmc_jax.model.config import ModelConfig  # noqa: E402
 from dmc_jax.model.params import init_params  # noqa: E402
 from pallas_kernels import dmc_flash_attention, dmc_flash_flops, paged_decode, paged_decode_bytes  # noqa: E402
@@ -84,11 +86,20 @@ def _best_pallas(row: dict, frac: str) -> dict:
     timed = [(row[k], k[:-2]) for k in row if k.startswith("pallas_") and k.endswith("_s")]
     if timed:
         t, name = min(timed)
-        row.update(pallas_s=t, pallas_variant=name[len("pallas_"):])
+        row.update(pallas_s=t, pallas_variant=name[len("pallas_"):],
+                   pallas_rel_err=max(row.get(f"{n}_rel_err", 0.0) for _, n in timed))
         row[f"pallas_{frac}"] = row[f"{name}_{frac}"]
     elif any(k.startswith("pallas_") and k.endswith("_error") for k in row):
         row["pallas_error"] = next(row[k] for k in row if k.startswith("pallas_") and k.endswith("_error"))
     return row
+
+
+def _rel(a, b) -> float:
+    """||a - b|| / ||b|| in fp32 (NaN if a is not finite)."""
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(a))):
+        return float("nan")
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def _err(e: Exception) -> str:
@@ -147,8 +158,13 @@ def bench_decode(ceil: dict, smoke: bool) -> list:
                 for tokens, warps in DECODE_VARIANTS[:1 if smoke else None]:
                     kw = dict(pages_per_block=max(1, tokens // N), num_warps=warps, interpret=interpret)
                     impls.append((f"pallas_t{tokens}w{warps}", jax.jit(lambda *a, kw=kw: paged_decode(*a, **kw))))
+                want = None
                 for name, fn in impls:
                     try:
+                        got = jax.block_until_ready(fn(*case))
+                        want = got if name == "xla" else want
+                        if want is not None and name != "xla":  # correct before fast: fresh inputs, vs XLA
+                            row[f"{name}_rel_err"] = _rel(got, want)
                         t = timeit(fn, [case], iters=5 if smoke else 20)
                         row[f"{name}_s"] = t
                         row[f"{name}_bw_frac"] = byts / t / ceil["copy_bytes_per_s"]
@@ -171,12 +187,16 @@ def bench_train(ceil: dict, smoke: bool) -> list:
         z = pattern((B, T, K), jnp.float32, 0.4) * 4.0 - 2.0
         alpha = jax.nn.sigmoid(z).at[:, 0].set(0.0)
         pen = dispatch.penalty_vector(alpha, z, dmc)
+        index = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask, below = causal_mask(index, index), jnp.arange(T)[None, :] < jnp.arange(T)[:, None]
         def pallas_fn(q, k, v, pen, bq, bk, warps):
             return dmc_flash_attention(q, k, v, pen, None, block_q=bq, block_k=bk, num_warps=warps,
                                        interpret=interpret)
 
         def xla_fn(q, k, v, pen):
-            return dispatch.dmc_attention(q, k, v, alpha, z, None, dmc, kernels="xla")
+            # dmc_core's XLA form: grouped_attention with the T x T bias (== merge_penalty, see the tests)
+            bias = jnp.where(below[None, None], pen[:, :, None, :], 0.0)
+            return grouped_attention(q, k, v, mask, bias)
 
         def cudnn_fn(q, k, v, pen):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -190,6 +210,7 @@ def bench_train(ceil: dict, smoke: bool) -> list:
                 dmc_flash_flops(B, T, H, Dh, backward=True) if backward else 0.0)
             row = {"section": "train", "B": B, "T": T, "K": K, "G": G, "Dh": Dh,
                    "pass": "fwd+bwd" if backward else "fwd", "flops": flops}
+            want = None
             for name, fn in impls:
                 if backward:
                     loss = lambda q, k, v, pen, fn=fn: jnp.sum(fn(q, k, v, pen).astype(jnp.float32))
@@ -197,6 +218,11 @@ def bench_train(ceil: dict, smoke: bool) -> list:
                 else:
                     run = jax.jit(fn)
                 try:
+                    got = jax.block_until_ready(run(q, k, v, pen))
+                    want = got if name == "xla" else want
+                    if want is not None and name.startswith("pallas"):  # vs the XLA masked version
+                        row[f"{name}_rel_err"] = max(_rel(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                                              jax.tree.leaves(want)))
                     t = timeit(run, [(q, k, v, pen)], iters=2 if smoke else 10)
                     row[f"{name}_s"] = t
                     row[f"{name}_flops_frac"] = flops / t / ceil["bf16_matmul_flops"]
@@ -338,21 +364,23 @@ def table(rows: list, ceil: dict) -> str:
                         else f"{'ERR' if n + '_error' in r else '-':>11}")
     dec = [r for r in rows if r["section"] == "decode"]
     if dec:
-        out.append("decode attention (per layer)   K  G page CR |   pallas   BW%  |      xla   BW%  | speedup")
+        out.append("decode attention (per layer)   K  G page CR |   pallas   BW%  |      xla   BW%  | speedup"
+                   "  best variant, max rel err of all variants vs xla")
         for r in dec:
             bw = lambda n: f"{100 * r[n + '_bw_frac']:5.1f}" if n + "_bw_frac" in r else "  -  "
             sp = f"{r['xla_s'] / r['pallas_s']:6.2f}x" if "pallas_s" in r and "xla_s" in r else "   -"
             out.append(f"  B={r['B']:<3} ctx={r['ctx']:<5}            {r['K']:>3} {r['G']:>2} {r['page']:>4} "
                        f"{r['cr']:>2} | {fmt(r, 'pallas')} {bw('pallas')} | {fmt(r, 'xla')} {bw('xla')} | {sp}"
-                       f"  {r.get('pallas_variant', '')}")
+                       f"  {r.get('pallas_variant', '')} {r.get('pallas_rel_err', float('nan')):.1e}")
     tr = [r for r in rows if r["section"] == "train"]
     if tr:
-        out.append("training attention           K  G pass    |   pallas  MFU%  |      xla  MFU%  |    cudnn  MFU%")
+        out.append("training attention           K  G pass    |   pallas  MFU%  |      xla  MFU%  |    cudnn  MFU%"
+                   "  best variant, max rel err (out or grads) vs xla")
         for r in tr:
             fr = lambda n: f"{100 * r[n + '_flops_frac']:5.1f}" if n + "_flops_frac" in r else "  -  "
             out.append(f"  B={r['B']} T={r['T']:<5}           {r['K']:>3} {r['G']:>2} {r['pass']:<7} | "
                        f"{fmt(r, 'pallas')} {fr('pallas')} | {fmt(r, 'xla')} {fr('xla')} | {fmt(r, 'cudnn')} "
-                       f"{fr('cudnn')}  {r.get('pallas_variant', '')}")
+                       f"{fr('cudnn')}  {r.get('pallas_variant', '')} {r.get('pallas_rel_err', float('nan')):.1e}")
     e2e = [r for r in rows if r["section"] == "e2e"]
     if e2e:
         out.append("end-to-end decode, Llama-2-7B shape   batch  cache GiB  ms/step   tokens/s  vs vanilla")

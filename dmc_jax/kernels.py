@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from dmc_jax.dmc.config import DMCConfig
 from dmc_jax.errors import UserError
 from dmc_jax.model.attention import causal_mask, decode_attention, grouped_attention
+from pallas_kernels import dmc_flash_attention, paged_decode
+from pallas_kernels.paged_decode import supported as paged_decode_supported
 
 KERNELS = ("auto", "pallas", "xla")
 
@@ -37,12 +39,10 @@ def paged_decode_attention(q_BHD: jax.Array, pool_k_PND: jax.Array, pool_v_PND: 
     """Decode attention [B, H, Dh] over each head's first count[b, k] slots of its pages in the shared pool.
 
     Slot s of head (b, k) is pool[block_table[b, k, s // N], s % N]. The Pallas path needs N and Dh powers of two
-    and falls back to XLA otherwise.
+    (Dh >= 16) and falls back to XLA otherwise.
     """
     N, Dh = pool_k_PND.shape[1:]
-    pow2 = lambda n: n & (n - 1) == 0
-    if use_pallas(kernels) and pow2(N) and pow2(Dh):
-        from pallas_kernels import paged_decode
+    if use_pallas(kernels) and paged_decode_supported(N, Dh):
         return paged_decode(q_BHD, pool_k_PND, pool_v_PND, block_table_BKM, count_BK, interpret=_interpret())
     B, K, M = block_table_BKM.shape
     table_BKM = jnp.maximum(block_table_BKM, 0)  # unallocated entries (-1) read page 0, masked by the count
@@ -75,7 +75,6 @@ def dmc_attention(q_BTHD: jax.Array, khat_BTKD: jax.Array, vhat_BTKD: jax.Array,
     The XLA path is dmc_core's grouped_attention with merge_penalty's T x T bias; the Pallas path never builds it.
     """
     if use_pallas(kernels):
-        from pallas_kernels import dmc_flash_attention
         pen_BKT = penalty_vector(alpha_BTK, z_BTK, dmc)
         return dmc_flash_attention(q_BTHD, khat_BTKD, vhat_BTKD, pen_BKT, segment_ids_BT, interpret=_interpret())
     from dmc_jax.dmc.attention import merge_penalty  # at call time: dmc.attention may import this module

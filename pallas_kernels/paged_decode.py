@@ -65,6 +65,11 @@ def _kernel(q_ref, pool_k_ref, pool_v_ref, table_ref, count_ref, o_ref, m_ref, l
     l_ref[...] = l_G
 
 
+def supported(page_size: int, head_dim: int) -> bool:
+    """Whether paged_decode takes this page size and head dim (otherwise use the reference)."""
+    return _pow2(page_size) and _pow2(head_dim) and head_dim >= 16
+
+
 def default_pages_per_split(batch_heads: int, max_pages: int, pages_per_block: int, programs: int = 264) -> int:
     """Pages per split: enough splits that B x K x S reaches `programs` (2 per SM on an H100), whole blocks."""
     blocks = pl.cdiv(max_pages, pages_per_block)
@@ -80,19 +85,21 @@ def paged_decode(q_BHD: jax.Array, pool_k_PND: jax.Array, pool_v_PND: jax.Array,
                  interpret: bool = False) -> jax.Array:
     """Decode attention [B, H, Dh] over the first count[b, k] slots of each head's pages (see paged_decode_ref).
 
-    Needs N and Dh powers of two (Triton tiles). pages_per_block: pages per inner step (default 64 tokens' worth);
+    Needs N and Dh powers of two, Dh >= 16 (Triton tiles; see supported()). pages_per_block: pages per inner step (default 64 tokens' worth);
     pages_per_split: pages per program along the context (default: fill the GPU, see default_pages_per_split).
     """
     B, H, Dh = q_BHD.shape
     P, N, _ = pool_k_PND.shape
     _, K, M = block_table_BKM.shape
     G = H // K
-    if not (_pow2(N) and _pow2(Dh)):
-        raise ValueError(f"paged_decode needs a power-of-two page size and head dim; got page {N}, head dim {Dh}")
+    if not (_pow2(N) and _pow2(Dh) and Dh >= 16):
+        raise ValueError(f"paged_decode needs a power-of-two page size and head dim >= 16; got page {N}, "
+                         f"head dim {Dh}")
     scale = Dh ** -0.5 if sm_scale is None else sm_scale
     ppb = pages_per_block or max(1, 64 // N)
-    if not _pow2(ppb):
-        raise ValueError(f"pages_per_block must be a power of two; got {ppb}")
+    if not _pow2(ppb) or ppb * N < 16:
+        raise ValueError(f"pages_per_block must be a power of two with pages_per_block x page >= 16 (the "
+                         f"smallest tensor-core tile); got {ppb} x {N}")
     R = pages_per_split or default_pages_per_split(B * K, M, ppb)
     R = pl.cdiv(R, ppb) * ppb
     S = pl.cdiv(M, R)

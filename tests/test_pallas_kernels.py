@@ -225,3 +225,32 @@ def test_kernels_match_references_on_random_shapes(seed):
     assert rel(out_k, out_r) < TOL[dtype]
     for name, gk, gr in zip(("dq", "dk", "dv", "dpen"), vjp_k(do), vjp_r(do)):
         assert rel(gk, gr) < TOL[dtype], name
+
+
+# ------------------------------------------------------------------------------------ compiled on a GPU (gpu_only)
+gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (compiled Triton kernels)")
+
+
+@pytest.mark.gpu_only
+@gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("N,K,G", [(16, 4, 1), (64, 2, 4)])
+def test_paged_decode_compiled_on_gpu(dtype, N, K, G):
+    rng = np.random.default_rng(N + G)
+    q, pk, pv, table, count = paged_inputs(rng, 3, K, G, 128, N, 40, dtype)
+    out = jax.block_until_ready(paged_decode(q, pk, pv, table, count))
+    assert rel(out, paged_decode_ref(q, pk, pv, table, count)) < TOL[dtype]
+
+
+@pytest.mark.gpu_only
+@gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("segments", [False, True])
+def test_dmc_flash_compiled_on_gpu(dtype, segments):
+    rng = np.random.default_rng(3)
+    q, k, v, pen, seg, do = flash_inputs(rng, 2, 300, 2, 4, 128, dtype, segments)
+    out_k, vjp_k = jax.vjp(lambda *a: dmc_flash_attention(*a, seg), q, k, v, pen)
+    out_r, vjp_r = jax.vjp(lambda *a: dmc_flash_ref(*a, seg), q, k, v, pen)
+    assert rel(out_k, out_r) < TOL[dtype]
+    for name, gk, gr in zip(("dq", "dk", "dv", "dpen"), vjp_k(do), vjp_r(do)):
+        assert rel(gk, gr) < TOL[dtype], name
