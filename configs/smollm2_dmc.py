@@ -4,9 +4,11 @@ python -m dmc_jax.main --config configs/smollm2_dmc.py [--config.output_dir=runs
 
 Sized so the whole job (data, DMC retrofit, vanilla control, evaluation, report) finishes in about 20 minutes on a
 2-core CPU: 1024 tokens per step, 8 zero-out + 48 ramp + 24 fine-tune steps. That is ~80k tokens, a demonstration of
-the mechanics (the reference recipe uses ~35B tokens for CR 2), with two deliberate departures from the reference
-recipe that such a short run needs, both config fields: a decision offset of 2 instead of 5 (stage 2 starts at
-alpha ~ 0.12 instead of 0.007, so decisions can move within a few dozen steps) and a higher learning rate.
+the mechanics (the reference recipe uses ~35B tokens for CR 2), with deliberate departures from the reference
+recipe that such a short run needs, all config fields: a decision offset of 2 instead of 5 (stage 2 starts at
+alpha ~ 0.12 instead of 0.007), a 10x learning rate on the W_q/W_k columns of the decision channel
+(dmc.decision_lr_scale: with AdamW the decision logit moves by a fixed amount per step, too little in a few dozen
+steps) and a 10x higher base learning rate.
 The GPU configs (configs/llama2_7b_dmc_cr*.py) keep the reference values.
 """
 
@@ -39,6 +41,7 @@ def get_config():
     c.dmc.zero_out_steps = 8
     c.dmc.retrofit_steps = 48
     c.dmc.decision_offset = 2.0     # reference: 5 (see the docstring)
+    c.dmc.decision_lr_scale = 10.0  # reference: 1 (see the docstring)
 
     c.train = ml_collections.ConfigDict()
     c.train.objective = "dmc"

@@ -81,3 +81,17 @@ def test_objective_stages_surgery_and_metrics():
     control = DMCObjective(cfg=cfg, dmc=DMCConfig(), final_cr=4.0, zero_out_steps=5, retrofit_steps=10, control=True)
     _, mc = control.loss(operated, batch, jax.random.PRNGKey(0), jnp.int32(14))
     assert float(mc["cr"]) == 1.0 and int(mc["stage"]) == 1
+
+
+def test_decision_columns_can_learn_faster():
+    cfg, params, _ = _model()
+    ones = jax.tree.map(jnp.ones_like, params)
+    obj = DMCObjective(cfg=cfg, dmc=DMCConfig(), final_cr=2.0, zero_out_steps=0, retrofit_steps=4,
+                       decision_lr_scale=10.0)
+    scaled = obj.scale_updates(ones)
+    for name in ("q", "k"):
+        assert float(scaled["layers"][name][..., -1].min()) == 10.0
+        assert float(scaled["layers"][name][..., :-1].max()) == 1.0
+    assert float(scaled["layers"]["v"].max()) == 1.0
+    reference = DMCObjective(cfg=cfg, dmc=DMCConfig(), final_cr=2.0, zero_out_steps=0, retrofit_steps=4)
+    assert reference.scale_updates(ones) is ones

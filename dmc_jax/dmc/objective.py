@@ -37,6 +37,7 @@ class DMCObjective:
     retrofit_steps: int
     cr_loss_weight: float = 1.0
     control: bool = False
+    decision_lr_scale: float = 1.0
 
     def loss(self, params, batch, rng: Optional[jax.Array], step):
         step = jnp.asarray(step, jnp.int32)
@@ -61,6 +62,21 @@ class DMCObjective:
         })
         return ce + self.cr_loss_weight * l_cr, metrics
 
+    def scale_updates(self, updates):
+        """Multiplies the updates of the W_q / W_k columns that produce the decision channel by decision_lr_scale.
+
+        With AdamW every weight moves by about the learning rate per step, so the decision logit a_t moves by a
+        fixed amount per step; a short retrofit (a CPU demonstration) needs those columns to move faster than the
+        rest of the model. 1 (the reference) leaves the updates untouched.
+        """
+        if self.decision_lr_scale == 1.0:
+            return updates
+        layers = dict(updates["layers"])
+        ch = self.dmc.channel(layers["q"].shape[-1])
+        for name in ("q", "k"):
+            layers[name] = layers[name].at[..., ch].multiply(self.decision_lr_scale)
+        return {**updates, "layers": layers}
+
     def on_step(self, params, step: int):
         """Host-side hook before `step`: the weight surgery at the first DMC step (idempotent on resume)."""
         if step == self.zero_out_steps:
@@ -83,6 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
         retrofit_steps=6000,      # stage 2 (CR target ramp); stage 3 = the remaining train.steps
         cr_loss_weight=1.0,
         control=False,            # True: same recipe, every decision 'append' (the vanilla control)
+        decision_lr_scale=1.0,    # learning-rate factor of the decision/importance columns (1 = reference)
         decision_channel=-1,      # -1 = last (reference); the paper's text says the first (0)
         decision_offset=5.0,
         temperature=0.1,
@@ -100,6 +117,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise UserError(f"dmc.{name} must be >= 0; got {c[name]}")
     if c.cr_loss_weight < 0:
         raise UserError(f"dmc.cr_loss_weight must be >= 0; got {c.cr_loss_weight}")
+    if not c.decision_lr_scale > 0:
+        raise UserError(f"dmc.decision_lr_scale must be > 0; got {c.decision_lr_scale}")
     dmc_config(c)  # the dataclass checks the rest
 
 
@@ -111,4 +130,5 @@ def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMCObject
     validate(c)
     return DMCObjective(cfg=model_cfg, dmc=dmc_config(c), final_cr=float(c.target_cr),
                         zero_out_steps=int(c.zero_out_steps), retrofit_steps=int(c.retrofit_steps),
-                        cr_loss_weight=float(c.cr_loss_weight), control=bool(c.control))
+                        cr_loss_weight=float(c.cr_loss_weight), control=bool(c.control),
+                        decision_lr_scale=float(c.decision_lr_scale))

@@ -52,6 +52,10 @@ class Objective(Protocol):
                                                                                                    Metrics]:
         ...
 
+    # Optional hooks, looked up with getattr by the loop:
+    #   on_step(params, step) -> params         host-side, before update `step` (e.g. DMC's weight surgery)
+    #   scale_updates(updates) -> updates       inside the jitted step, after the optimizer (per-parameter LR)
+
 
 class LanguageModelObjective:
     """Next-token cross-entropy with plain causal attention; targets only inside the same segment (no padding)."""

@@ -66,10 +66,14 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
     metrics: the objective's, plus 'loss', 'grad_norm' (before clipping) and 'lr' (used by this update).
     """
 
+    scale_updates = getattr(objective, "scale_updates", None)  # optional: per-parameter learning-rate factors
+
     def train_step(params, opt_state, batch, rng, step):
         step_rng = jax.random.fold_in(rng, step)
         loss, metrics, grads = accumulate_gradients(objective, params, batch, step_rng, step, grad_accum)
         updates, opt_state = tx.update(grads, opt_state, params)
+        if scale_updates is not None:
+            updates = scale_updates(updates)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads),
                                    "lr": jnp.asarray(schedule(step), jnp.float32)}
