@@ -13,7 +13,9 @@ Kernels (one program each):
                                     the diagonal: GQA sums stay in registers, no atomics; the penalty gradient
                                     is the column sum of dS strictly below the diagonal
     dq        (b, h, query block)   loops over key blocks up to the diagonal
-Masking uses -inf with a guarded running max, so rows fully masked in a block (segments) never produce NaN.
+With segment ids, loops skip whole blocks that share no segment (bounds from segment_block_bounds: packed short
+documents cost what their own causal squares cost). Masking uses -inf with a guarded running max, so rows fully
+masked in a block (segments) never produce NaN.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _scores(q_QD, k_CD, pen_C, rows_Q, cols_C, sm_scale, seg_q_Q, seg_k_C):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, pen_ref, *rest, sm_scale, block_k, has_seg):
-    seg_ref, (o_ref, lse_ref) = (rest[0], rest[1:]) if has_seg else (None, rest)
+    seg_ref, lo_ref, (o_ref, lse_ref) = (rest[0], rest[1], rest[2:]) if has_seg else (None, None, rest)
     Q, Dh = q_ref.shape
     i = pl.program_id(2)
     rows_Q = i * Q + jnp.arange(Q)
@@ -68,13 +70,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, pen_ref, *rest, sm_scale, block_k, has_seg)
         return o_QD, m_new, l_Q * corr_Q + jnp.sum(p_QC, axis=1)
 
     init = (jnp.zeros((Q, Dh), jnp.float32), jnp.full((Q,), -jnp.inf, jnp.float32), jnp.zeros((Q,), jnp.float32))
-    o_QD, m_Q, l_Q = jax.lax.fori_loop(0, pl.cdiv((i + 1) * Q, block_k), body, init)
+    lo = lo_ref[0] if has_seg else 0  # key blocks before the block's earliest segment start hold no allowed key
+    o_QD, m_Q, l_Q = jax.lax.fori_loop(lo, pl.cdiv((i + 1) * Q, block_k), body, init)
     o_ref[...] = (o_QD / l_Q[:, None]).astype(o_ref.dtype)  # l > 0: the diagonal is always allowed
     lse_ref[...] = m_Q + jnp.log(l_Q)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, pen_ref, do_ref, lse_ref, delta_ref, *rest, sm_scale, block_q, has_seg):
-    seg_ref, (dk_ref, dv_ref, dpen_ref) = (rest[0], rest[1:]) if has_seg else (None, rest)
+    seg_ref, hi_ref, (dk_ref, dv_ref, dpen_ref) = (rest[0], rest[1], rest[2:]) if has_seg else (None, None, rest)
     C, Dh = k_ref.shape
     Tp, G = q_ref.shape[0], q_ref.shape[1]
     j = pl.program_id(2)
@@ -82,7 +85,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, pen_ref, do_ref, lse_ref, delta_ref, *rest,
     k_CD, v_CD, pen_C = k_ref[...], v_ref[...], pen_ref[...]
     seg_k_C = seg_ref[pl.ds(j * C, C)] if has_seg else None
     first = (j * C) // block_q
-    n_q = Tp // block_q - first
+    # query blocks after the block's latest segment end see none of its keys
+    end = jnp.minimum(hi_ref[0], Tp // block_q) if has_seg else Tp // block_q
+    n_q = jnp.maximum(end - first, 0)
 
     def body(idx, carry):
         dk_CD, dv_CD, dpen_C = carry
@@ -109,7 +114,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, pen_ref, do_ref, lse_ref, delta_ref, *rest,
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, pen_ref, do_ref, lse_ref, delta_ref, *rest, sm_scale, block_k, has_seg):
-    seg_ref, (dq_ref,) = (rest[0], rest[1:]) if has_seg else (None, rest)
+    seg_ref, lo_ref, (dq_ref,) = (rest[0], rest[1], rest[2:]) if has_seg else (None, None, rest)
     Q, Dh = q_ref.shape
     i = pl.program_id(2)
     rows_Q = i * Q + jnp.arange(Q)
@@ -127,7 +132,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, pen_ref, do_ref, lse_ref, delta_ref, *rest, 
         ds_QC = p_QC * (_dot(do_QD, v_CD, (1, 1)) - delta_Q[:, None])
         return dq_QD + _dot(ds_QC.astype(k_CD.dtype), k_CD)
 
-    dq_QD = jax.lax.fori_loop(0, pl.cdiv((i + 1) * Q, block_k), body, jnp.zeros((Q, Dh), jnp.float32))
+    lo = lo_ref[0] if has_seg else 0
+    dq_QD = jax.lax.fori_loop(lo, pl.cdiv((i + 1) * Q, block_k), body, jnp.zeros((Q, Dh), jnp.float32))
     dq_ref[...] = (dq_QD * sm_scale).astype(dq_ref.dtype)
 
 
@@ -145,8 +151,9 @@ def _forward(cfg, q, k, v, pen, seg):
                 pl.BlockSpec((None, None, Tp), lambda b, h, i: (b, h // G, 0))]
     args = [q, k, v, pen]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0)))
-        args.append(seg)
+        in_specs += [pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0)),
+                     pl.BlockSpec((None, None, 1), lambda b, h, i: (b, i, 0))]
+        args += [seg[0], seg[1]]
     kernel = functools.partial(_fwd_kernel, sm_scale=cfg["sm_scale"], block_k=C, has_seg=has_seg)
     return pl.pallas_call(
         kernel, grid=(B, H, Tp // Q), in_specs=in_specs,
@@ -162,7 +169,6 @@ def _backward(cfg, q, k, v, pen, seg, out, lse, do):
     G, Q, C = H // K, cfg["block_q"], cfg["block_k"]
     has_seg = seg is not None
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    seg_args = [seg] if has_seg else []
 
     # dk, dv, dpen: one program per key block of a KV head, all G query heads of its group.
     group_spec = pl.BlockSpec((None, Tp, G, Dh), lambda b, kh, j: (b, 0, kh, 0))
@@ -173,12 +179,13 @@ def _backward(cfg, q, k, v, pen, seg, out, lse, do):
         functools.partial(_dkv_kernel, sm_scale=cfg["sm_scale"], block_q=Q, has_seg=has_seg),
         grid=(B, K, Tp // C),
         in_specs=[group_spec, key_spec, key_spec, pen_spec, group_spec, stat_spec, stat_spec]
-        + [pl.BlockSpec((None, Tp), lambda b, kh, j: (b, 0))] * has_seg,
+        + [pl.BlockSpec((None, Tp), lambda b, kh, j: (b, 0)),
+           pl.BlockSpec((None, None, 1), lambda b, kh, j: (b, j, 0))] * has_seg,
         out_specs=[key_spec, key_spec, pen_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
                    jax.ShapeDtypeStruct(pen.shape, jnp.float32)],
         compiler_params=_params(cfg), interpret=cfg["interpret"], name="dmc_flash_dkv",
-    )(q, k, v, pen, do, lse, delta, *seg_args)
+    )(q, k, v, pen, do, lse, delta, *([seg[0], seg[2]] if has_seg else []))
 
     # dq: one program per query block of a query head.
     row_spec = pl.BlockSpec((None, Q, None, Dh), lambda b, h, i: (b, i, h, 0))
@@ -188,11 +195,13 @@ def _backward(cfg, q, k, v, pen, seg, out, lse, do):
         functools.partial(_dq_kernel, sm_scale=cfg["sm_scale"], block_k=C, has_seg=has_seg),
         grid=(B, H, Tp // Q),
         in_specs=[row_spec, kv_spec, kv_spec, pl.BlockSpec((None, None, Tp), lambda b, h, i: (b, h // G, 0)),
-                  row_spec, rstat_spec, rstat_spec] + [pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0))] * has_seg,
+                  row_spec, rstat_spec, rstat_spec]
+        + [pl.BlockSpec((None, Tp), lambda b, h, i: (b, 0)),
+           pl.BlockSpec((None, None, 1), lambda b, h, i: (b, i, 0))] * has_seg,
         out_specs=row_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(cfg), interpret=cfg["interpret"], name="dmc_flash_dq",
-    )(q, k, v, pen, do, lse, delta, *seg_args)
+    )(q, k, v, pen, do, lse, delta, *([seg[0], seg[1]] if has_seg else []))
     return dq, dk, dv, dpen.astype(pen.dtype)
 
 
@@ -245,9 +254,32 @@ def dmc_flash_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array,
     pen = jnp.pad(pen_BKT, ((0, 0), (0, 0), (0, Tp - T)))
     seg = None
     if segment_ids_BT is not None:
-        seg = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
+        seg_BT = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
+        seg = (seg_BT, *segment_block_bounds(seg_BT, block_q, block_k))
     out = _flash(cfg, pad(q_BTHD), pad(k_BTKD), pad(v_BTKD), pen, seg)
     return out[:, :T, :, :Dh]
+
+
+def segment_block_bounds(seg_BT: jax.Array, block_q: int, block_k: int):
+    """Per query block the first key block that can share a segment with it, per key block the query-block end.
+
+    Any segment ids (not only contiguous runs): a token's segment spans from the first to the last occurrence of
+    its id, found with a stable sort. Returns kv_lo [B, T / block_q, 1] and q_hi [B, T / block_k, 1] (int32).
+    """
+    B, Tp = seg_BT.shape
+    order_BT = jnp.argsort(seg_BT, axis=1, stable=True)
+    sorted_BT = jnp.take_along_axis(seg_BT, order_BT, axis=1)
+    idx_T = jnp.arange(Tp, dtype=jnp.int32)
+    change_BT = sorted_BT[:, 1:] != sorted_BT[:, :-1]
+    start_BT = jax.lax.cummax(jnp.where(jnp.pad(change_BT, ((0, 0), (1, 0)), constant_values=True), idx_T, 0), axis=1)
+    end_BT = jax.lax.cummin(jnp.where(jnp.pad(change_BT, ((0, 0), (0, 1)), constant_values=True), idx_T, Tp - 1),
+                            axis=1, reverse=True)
+    inverse_BT = jnp.argsort(order_BT, axis=1)
+    first_BT = jnp.take_along_axis(jnp.take_along_axis(order_BT, start_BT, axis=1), inverse_BT, axis=1)
+    last_BT = jnp.take_along_axis(jnp.take_along_axis(order_BT, end_BT, axis=1), inverse_BT, axis=1)
+    kv_lo = first_BT.reshape(B, Tp // block_q, block_q).min(-1) // block_k
+    q_hi = last_BT.reshape(B, Tp // block_k, block_k).max(-1) // block_q + 1
+    return kv_lo.astype(jnp.int32)[..., None], q_hi.astype(jnp.int32)[..., None]
 
 
 def dmc_flash_flops(B: int, T: int, H: int, Dh: int, backward: bool = False) -> float:

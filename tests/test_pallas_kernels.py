@@ -90,7 +90,13 @@ def flash_inputs(rng, B, T, K, G, Dh, dtype, segments):
     v = jnp.asarray(rng.normal(size=(B, T, K, Dh)), dtype)
     pen = jnp.asarray(np.log(rng.uniform(0.02, 1.0, size=(B, K, T))), jnp.float32)
     pen = pen.at[:, :, ::5].set(-1e9)  # hard-mode hidden slots
-    seg = jnp.asarray(np.sort(rng.integers(0, 3, size=(B, T)), axis=1), jnp.int32) if segments else None
+    seg = None
+    if segments == "any":  # ids that recur non-contiguously: a segment is every token with the same id
+        seg = jnp.asarray(rng.integers(0, 3, size=(B, T)), jnp.int32)
+    elif segments == "many":  # packed short documents: whole key blocks are skipped
+        seg = jnp.asarray(np.sort(rng.integers(0, max(2, T // 6), size=(B, T)), axis=1), jnp.int32)
+    elif segments:
+        seg = jnp.asarray(np.sort(rng.integers(0, 3, size=(B, T)), axis=1), jnp.int32)
     do = jnp.asarray(rng.normal(size=(B, T, K * G, Dh)), dtype)
     return q, k, v, pen, seg, do
 
@@ -99,6 +105,8 @@ def flash_inputs(rng, B, T, K, G, Dh, dtype, segments):
     (2, 40, 2, 2, 16, 16, 32, jnp.float32, False),  # T not a block multiple, block_q < block_k
     (1, 48, 1, 3, 24, 32, 16, jnp.float32, True),   # Dh padded 24 -> 32, block_q > block_k, segments
     (1, 32, 2, 1, 16, 16, 16, jnp.bfloat16, True),  # MHA, bf16
+    (2, 64, 1, 2, 16, 16, 16, jnp.float32, "many"),  # short documents: block skipping by segment bounds
+    (1, 64, 1, 2, 16, 16, 32, jnp.float32, "any"),   # non-contiguous segment ids
 ])
 def test_dmc_flash_matches_reference_with_gradients(B, T, K, G, Dh, bq, bk, dtype, segments):
     rng = np.random.default_rng(T + Dh)
@@ -218,7 +226,7 @@ def test_kernels_match_references_on_random_shapes(seed):
 
     T, Dh = int(rng.integers(17, 81)), int(rng.choice([8, 16, 40]))
     bq, bk = (int(x) for x in rng.choice([16, 32], size=2))
-    q, k, v, pen, seg, do = flash_inputs(rng, 1, T, K, G, Dh, dtype, bool(seed // 2))
+    q, k, v, pen, seg, do = flash_inputs(rng, 1, T, K, G, Dh, dtype, [False, "many", True, "any"][seed])
     out_k, vjp_k = jax.vjp(lambda *a: dmc_flash_attention(*a, seg, block_q=bq, block_k=bk, interpret=True),
                            q, k, v, pen)
     out_r, vjp_r = jax.vjp(lambda *a: dmc_flash_ref(*a, seg), q, k, v, pen)
