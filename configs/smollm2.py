@@ -6,6 +6,8 @@ python -m dmc_jax.main --config configs/smollm2.py [--config.task=generate|eval|
 import ml_collections
 
 from dmc_jax.data import options as data_options
+from dmc_jax.evaluation import compare_options
+from dmc_jax.kv_heads import options as kv_heads_options
 
 
 def get_config():
@@ -52,6 +54,9 @@ def get_config():
     c.eval.batch = 1
 
     c.data = data_options.default_config()  # the training corpus (task prepare_data); see dmc_jax/data/options.py
+
+    c.kv_heads = kv_heads_options.default_config()  # task convert_kv_heads; see dmc_jax/kv_heads/options.py
+    c.compare = compare_options.default_config()    # task compare; see dmc_jax/evaluation/compare_options.py
 
     c.bench = ml_collections.ConfigDict()
     c.bench.prefill_len = 512

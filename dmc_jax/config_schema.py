@@ -7,7 +7,7 @@ import ml_collections
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
-TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit")
+TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "convert_kv_heads", "compare")
 CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped")
 
 
@@ -71,6 +71,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _at_least("bench.repeats", b.repeats, 1)
         if not b.batch_sizes or any(int(x) < 1 for x in b.batch_sizes):
             raise UserError(f"bench.batch_sizes must be a non-empty tuple of positive ints; got {b.batch_sizes}")
+    if config.task in ("convert_kv_heads", "compare"):
+        _sections(config, ("kv_heads",) + (("compare", "cache") if config.task == "compare" else ()))
+        from dmc_jax.kv_heads.options import validate as validate_kv_heads  # each section validates itself
+        validate_kv_heads(config.kv_heads)
+        if config.task == "compare":
+            from dmc_jax.evaluation.compare_options import validate as validate_compare
+            validate_compare(config.compare)
     if config.task in ("train", "retrofit"):
         _sections(config, ("data", "train", "optim", "checkpoint"))
         _validate_training(config)

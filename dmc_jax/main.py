@@ -18,7 +18,8 @@ from dmc_jax.errors import UserError
 _TASKS = {"demo": ("dmc_jax.tasks.demo", True), "generate": ("dmc_jax.tasks.generate", True),
           "eval": ("dmc_jax.tasks.evaluate", True), "bench": ("dmc_jax.tasks.bench", True),
           "prepare_data": ("dmc_jax.tasks.prepare_data", False), "train": ("dmc_jax.tasks.train", True, "training"),
-          "retrofit": ("dmc_jax.tasks.retrofit", True, "training")}
+          "retrofit": ("dmc_jax.tasks.retrofit", True, "training"),
+          "convert_kv_heads": ("dmc_jax.tasks.convert_kv_heads", True), "compare": ("dmc_jax.tasks.compare", True)}
 
 
 def run(argv: Sequence[str]) -> str:

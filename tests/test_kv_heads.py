@@ -150,3 +150,18 @@ def test_error_shrinks_monotonically_with_rank_on_smollm2(smollm2):
             k_GA = np.asarray(acts["k"][layer], np.float64).reshape(-1, 3 * cfg.head_dim)
             recon = [np.linalg.norm(k_GA - k_GA @ (p := top_basis(grams["k"][layer], r)[0]) @ p.T) for r in ranks]
             assert all(b < a for a, b in zip(recon, recon[1:]))
+
+
+def test_convert_kv_heads_task_writes_a_loadable_hf_directory(tmp_path):
+    import os
+
+    from dmc_jax.main import main
+    from dmc_jax.weights.hf_io import load_hf_dir
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smollm2.py")
+    base = ["--config", config, "--config.task=convert_kv_heads", "--config.model.source=tiny",
+            "--config.model.max_seq_len=0", "--config.kv_heads.calib_sequences=2", "--config.kv_heads.calib_seq_len=32"]
+    assert main(base + [f"--config.output_dir={tmp_path / 'run'}"]) == 0
+    cfg, params = load_hf_dir(str(tmp_path / "run" / "model"))
+    assert cfg.num_kv_heads == 1 and params["layers"]["k"].shape[2] == 1
+    assert main(base + [f"--config.output_dir={tmp_path / 'a'}", "--config.kv_heads.rope=A"]) == 2

@@ -70,8 +70,9 @@ def calibration_tokens(tokenizer, files: Sequence[str], sequences: int, seq_len:
 
 
 def convert(cfg: ModelConfig, params: Params, method: str, new_kv_heads: int, rope: str = "B", rank: int = 0,
-            tokens_NT: Optional[np.ndarray] = None, batch: int = 4) -> Converted:
-    """Converts (cfg, params) to new_kv_heads shared KV heads; svd_a needs calibration tokens [N, T]."""
+            tokens_NT: Optional[np.ndarray] = None, batch: int = 4, grams: Optional[dict] = None) -> Converted:
+    """Converts (cfg, params) to new_kv_heads shared KV heads; svd_a needs calibration tokens [N, T] (or their
+    Gram matrices from activations.calibration_grams, to share one calibration between strategies)."""
     params = stacked(params)
     try:
         t = mean_pool.check_groups(cfg, new_kv_heads)
@@ -89,25 +90,30 @@ def convert(cfg: ModelConfig, params: Params, method: str, new_kv_heads: int, ro
         return Converted(new_cfg, new_params, description=f"{what}, rank {r}")
     if method != "svd_a":
         raise UserError(f"kv_heads.method must be one of mean, svd_a, svd_w; got {method!r}")
-    if tokens_NT is None:
-        raise ValueError("svd_a needs calibration tokens")
-    batches = (tokens_NT[i:i + batch] for i in range(0, len(tokens_NT), batch))
-    grams = calibration_grams(unstack_layers(jax.device_put(params)), cfg, batches, new_kv_heads)
+    if grams is None:
+        if tokens_NT is None:
+            raise ValueError("svd_a needs calibration tokens")
+        batches = (tokens_NT[i:i + batch] for i in range(0, len(tokens_NT), batch))
+        grams = calibration_grams(unstack_layers(jax.device_put(params)), cfg, batches, new_kv_heads)
+        what = f"{what}, calibrated on {tokens_NT.shape[0]}x{tokens_NT.shape[1]} tokens"
     phi = svd.top_basis(grams["v"], r)
-    what = f"{what}, rank {r}, RoPE strategy {rope}, calibrated on {tokens_NT.shape[0]}x{tokens_NT.shape[1]} tokens"
+    what = f"{what}, rank {r}, RoPE strategy {rope}"
     if rope == "A":
         new_cfg, new_params, wrap = rope_projected.convert(cfg, params, svd.top_basis(grams["k_rot"], r), phi)
         return Converted(new_cfg, new_params, wrap, description=what)
     return Converted(*svd.fold(cfg, params, svd.top_basis(grams["k"], r), phi), description=what)
 
 
-def convert_from_config(c, cfg: ModelConfig, params: Params, tokenizer) -> Converted:
-    """convert() with the fields of a `kv_heads` config section (calibration text read only when needed)."""
+def convert_from_config(c, cfg: ModelConfig, params: Params, tokenizer, method: Optional[str] = None,
+                        rope: Optional[str] = None, grams: Optional[dict] = None) -> Converted:
+    """convert() with the fields of a `kv_heads` config section (calibration text read only when needed);
+    method / rope override the section's."""
+    method, rope = method or c.method, rope or c.rope
     tokens = None
-    if c.method == "svd_a":
+    if method == "svd_a" and grams is None:
         files = [f.strip() for f in c.calib_files.split(",") if f.strip()] or default_calibration_files()
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
             raise UserError(f"kv_heads.calib_files: {missing[0]} not found")
         tokens = calibration_tokens(tokenizer, files, c.calib_sequences, c.calib_seq_len)
-    return convert(cfg, params, c.method, c.new_kv_heads, c.rope, c.rank, tokens, c.calib_batch)
+    return convert(cfg, params, method, c.new_kv_heads, rope, c.rank, tokens, c.calib_batch, grams)

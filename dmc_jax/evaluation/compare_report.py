@@ -1,0 +1,105 @@
+"""The compare task's outputs: a markdown table and PNG plots (perplexity vs CR; passkey accuracy by cell)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+MC_FMT = "{:.2f}"
+
+
+def _fmt(x, spec="{:.2f}"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else spec.format(x)
+
+
+def markdown_table(rows: list[dict], mc_tasks) -> str:
+    head = ["model", "method", "CR (nominal)", "budget", "ppl (decoded)", "CR (tokens)", "cache MB/seq",
+            "CR (bytes)", "passkey acc"] + [f"MC {t}" for t in mc_tasks] + ["seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("skipped"):
+            cells = [r["model"], r["method"], _fmt(r.get("ratio"), "{:g}"), "-", f"skipped: {r['skipped']}"]
+            cells += ["-"] * (len(head) - len(cells))
+        else:
+            mb = r.get("bytes_per_seq")
+            cells = [r["model"], r["method"], _fmt(r.get("ratio"), "{:g}"), _fmt(r.get("budget"), "{}"),
+                     _fmt(r.get("ppl"), "{:.3f}"), _fmt(r.get("logical_cr"), "{:.2f}"),
+                     _fmt(None if mb is None else mb / 2 ** 20, "{:.2f}"), _fmt(r.get("bytes_cr"), "{:.2f}"),
+                     _fmt(r.get("passkey_acc"), "{:.2f}")]
+            cells += [_fmt(r.get("mc", {}).get(t)) for t in mc_tasks]
+            cells += [_fmt(r.get("seconds"), "{:.0f}")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ppl(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    dense = [r for r in rows if r["method"] == "dense" and r["model"] == "base" and r.get("ppl")]
+    series = {}
+    for r in rows:
+        if r.get("ppl") is None or r.get("skipped"):
+            continue
+        if r["model"] == "base" and r["method"] != "dense":
+            series.setdefault(r["method"], []).append((r["bytes_cr"], r["ppl"]))
+    for name, pts in sorted(series.items()):
+        pts = sorted(pts + [(1.0, dense[0]["ppl"])] if dense else pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    for r in rows:
+        if r["model"] != "base" and r.get("ppl") is not None:
+            ax.scatter([r["bytes_cr"]], [r["ppl"]], marker="*", s=120, label=f"{r['model']} ({r['method']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression ratio (cache bytes, dense / method)")
+    ax.set_ylabel("perplexity, decoded through the cache")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_passkey(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in rows if r.get("passkey")]
+    if not rows:
+        return
+    n = len(rows)
+    cols = min(4, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.2 * cols, 2.6 * -(-n // cols)), squeeze=False)
+    for ax, r in zip(axes.flat, rows):
+        lengths = sorted({c["length"] for c in r["passkey"]})
+        depths = sorted({c["depth"] for c in r["passkey"]})
+        grid = np.zeros((len(depths), len(lengths)))
+        for c in r["passkey"]:
+            grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["accuracy"]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_title(f"{r['model']} {r['method']} CR{_fmt(r.get('ratio'), '{:g}')}", fontsize=8)
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.supxlabel("context length (tokens)")
+    fig.supylabel("depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(out_dir: str, rows: list[dict], mc_tasks) -> dict:
+    table = markdown_table(rows, mc_tasks)
+    with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    plot_ppl(rows, os.path.join(out_dir, "ppl_vs_cr.png"))
+    plot_passkey(rows, os.path.join(out_dir, "passkey.png"))
+    return {"table": os.path.join(out_dir, "compare.md"), "plots": ["ppl_vs_cr.png", "passkey.png"]}

@@ -1,0 +1,76 @@
+"""Passkey retrieval: a random number hidden at a given depth of corpus filler, asked for at the end.
+
+The prompt (Mohtashami & Jaggi 2023 format, filler from real text instead of repeated sentences):
+    <intro> <filler ... The pass key is 12345. Remember it. 12345 is the pass key. ... filler> <question>
+The answer is decoded greedily through the compressed cache; a trial is correct when the generated text starts
+with the digits of the key (after whitespace). Each (length, depth) cell runs `trials` keys in one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dmc_jax.evaluation.forced_decode import prompt_then_decode
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+         "memorize it. I will quiz you about it.\n\n")
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclasses.dataclass
+class PasskeyCell:
+    length: int
+    depth: float
+    correct: int
+    trials: int
+    answers: list
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.trials
+
+
+def build_prompt(tokenizer, filler_ids: np.ndarray, length: int, depth: float, key: int, offset: int) -> list:
+    """Token ids of about `length` tokens: intro, filler with the needle at `depth` (0 = start, 1 = end), question."""
+    head = tokenizer.encode(INTRO)
+    needle = tokenizer.encode(NEEDLE.format(key=key))
+    tail = tokenizer.encode(QUESTION)
+    n_fill = max(length - len(head) - len(needle) - len(tail), 0)
+    fill = filler_ids[offset:offset + n_fill].tolist()
+    cut = int(round(depth * len(fill)))
+    return head + fill[:cut] + needle + fill[cut:] + tail
+
+
+def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Callable[[int], object],
+                lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
+                answer_tokens: int = 6) -> list[PasskeyCell]:
+    """Accuracy per (length, depth); make_method(length) builds the cache method for that context length."""
+    rng = np.random.default_rng(seed)
+    cells = []
+    for length in lengths:
+        method = make_method(length)
+        rows, keys, meta = [], [], []
+        for depth in depths:
+            for _ in range(trials):
+                key = int(rng.integers(10000, 100000))
+                offset = int(rng.integers(0, max(len(filler_ids) - length, 1)))
+                rows.append(build_prompt(tokenizer, filler_ids, length, depth, key, offset))
+                keys.append(key)
+                meta.append(depth)
+        T = max(len(r) for r in rows)
+        prompt_BT = np.zeros((len(rows), T), np.int32)
+        for b, r in enumerate(rows):
+            prompt_BT[b, :len(r)] = r
+        lengths_B = np.array([len(r) for r in rows], np.int32)
+        zeros_BN = np.zeros((len(rows), answer_tokens), np.int32)
+        _, tokens_BN = prompt_then_decode(params, prompt_BT, lengths_B, zeros_BN, zeros_BN.astype(bool), method, cfg)
+        answers = [tokenizer.decode([int(x) for x in row]) for row in np.asarray(tokens_BN)]
+        for depth in depths:
+            idx = [i for i, d in enumerate(meta) if d == depth]
+            hits = sum(answers[i].strip().startswith(str(keys[i])) for i in idx)
+            cells.append(PasskeyCell(length, float(depth), hits, len(idx), [answers[i] for i in idx]))
+    return cells
