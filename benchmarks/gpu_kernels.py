@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 from dmc_jax import kernels as dispatch  # noqa: E402
 from dmc_jax.cache.dense import DenseCache  # noqa: E402
 from dmc_jax.cache.protocol import state_bytes  # noqa: E402
+from dmc_jax.dmc.attention import penalty_vector  # noqa: E402
 from dmc_jax.dmc.config import DMCConfig  # noqa: E402
 from dmc_jax.model import llama  # noqa: E402
 from dmc_jax.model.attention import causal_mask, grouped_attention  # noqa: E402
@@ -189,7 +190,7 @@ def bench_train(ceil: dict, smoke: bool) -> list:
         q, k, v = pattern((B, T, H, Dh), BF16, 0.1), pattern((B, T, K, Dh), BF16, 0.2), pattern((B, T, K, Dh), BF16, 0.3)
         z = pattern((B, T, K), jnp.float32, 0.4) * 4.0 - 2.0
         alpha = jax.nn.sigmoid(z).at[:, 0].set(0.0)
-        pen = dispatch.penalty_vector(alpha, z, dmc)
+        pen = penalty_vector(alpha, z, dmc)
         index = jnp.broadcast_to(jnp.arange(T), (B, T))
         mask, below = causal_mask(index, index), jnp.arange(T)[None, :] < jnp.arange(T)[:, None]
         docs8 = index // (T // 8)  # 8 packed documents: the kernel skips the blocks between them

@@ -52,21 +52,6 @@ def paged_decode_attention(q_BHD: jax.Array, pool_k_PND: jax.Array, pool_v_PND: 
     return decode_attention(q_BHD, k_BKSD, v_BKSD, valid_BKS)
 
 
-def penalty_vector(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> jax.Array:
-    """[B, K, T] per-key penalty of merge_penalty: log(1 - alpha_{j+1}) for key j (0 for the last key).
-
-    merge_penalty(alpha, z, dmc)[b, k, t, j] == penalty_vector(alpha, z, dmc)[b, k, j] for j < t, 0 elsewhere.
-    """
-    from dmc_jax.dmc.attention import HIDDEN  # at call time: dmc.attention may import this module
-
-    if dmc.mode == "train":
-        log_keep_BTK = jnp.where(alpha_BTK == 0.0, 0.0, jax.nn.log_sigmoid(-z_BTK))
-    else:
-        log_keep_BTK = jnp.where(alpha_BTK > 0.5, HIDDEN, 0.0)
-    next_BTK = jnp.concatenate([log_keep_BTK[:, 1:], jnp.zeros_like(log_keep_BTK[:, :1])], axis=1)
-    return next_BTK.transpose(0, 2, 1).astype(jnp.float32)
-
-
 def dmc_attention(q_BTHD: jax.Array, khat_BTKD: jax.Array, vhat_BTKD: jax.Array, alpha_BTK: jax.Array,
                   z_BTK: jax.Array, segment_ids_BT: jax.Array | None, dmc: DMCConfig,
                   kernels: str = "auto") -> jax.Array:
@@ -74,11 +59,11 @@ def dmc_attention(q_BTHD: jax.Array, khat_BTKD: jax.Array, vhat_BTKD: jax.Array,
 
     The XLA path is dmc_core's grouped_attention with merge_penalty's T x T bias; the Pallas path never builds it.
     """
+    from dmc_jax.dmc.attention import merge_penalty, penalty_vector  # at call time: dmc.attention imports us
+
     if use_pallas(kernels):
         pen_BKT = penalty_vector(alpha_BTK, z_BTK, dmc)
         return dmc_flash_attention(q_BTHD, khat_BTKD, vhat_BTKD, pen_BKT, segment_ids_BT, interpret=_interpret())
-    from dmc_jax.dmc.attention import merge_penalty  # at call time: dmc.attention may import this module
-
     B, T = q_BTHD.shape[:2]
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dmc_jax import kernels as dispatch
-from dmc_jax.dmc.attention import merge_penalty
+from dmc_jax.dmc.attention import merge_penalty, penalty_vector
 from dmc_jax.dmc.config import DMCConfig
 from dmc_jax.errors import UserError
 from dmc_jax.model.attention import causal_mask, decode_attention, grouped_attention
@@ -130,7 +130,7 @@ def test_flash_reference_equals_grouped_attention_with_merge_penalty(mode, segme
     z = jnp.asarray(rng.normal(size=(B, T, K)), jnp.float32)
     alpha = jax.nn.sigmoid(z).at[:, 0].set(0.0)  # the first token always appends
     dmc = DMCConfig(mode=mode)
-    pen = dispatch.penalty_vector(alpha, z, dmc)
+    pen = penalty_vector(alpha, z, dmc)
     below = jnp.arange(T)[None, :] < jnp.arange(T)[:, None]
     assert np.array_equal(np.asarray(jnp.where(below, pen[:, :, None, :], 0.0)),
                           np.asarray(merge_penalty(alpha, z, dmc)))
@@ -141,7 +141,7 @@ def test_flash_reference_equals_grouped_attention_with_merge_penalty(mode, segme
         return grouped_attention(q, k, v, mask, merge_penalty(alpha, z, dmc))
 
     def ref(q, k, v, z):
-        return dmc_flash_ref(q, k, v, dispatch.penalty_vector(alpha, z, dmc), seg)
+        return dmc_flash_ref(q, k, v, penalty_vector(alpha, z, dmc), seg)
 
     out_x, vjp_x = jax.vjp(xla, q, k, v, z)
     out_r, vjp_r = jax.vjp(ref, q, k, v, z)

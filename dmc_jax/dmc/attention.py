@@ -18,23 +18,27 @@ import jax.numpy as jnp
 from dmc_jax.dmc.accumulate import accumulate
 from dmc_jax.dmc.config import DMCConfig
 from dmc_jax.dmc.decisions import decisions, read_channel, sequence_starts, zero_channel
-from dmc_jax.model.attention import causal_mask, grouped_attention
+from dmc_jax import kernels
 
 HIDDEN = -1e9  # hard-mode penalty for a merged slot (finite, so a fully hidden row still normalizes)
 
 
-def merge_penalty(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> jax.Array:
-    """[B, K, T, S] additive logits: log(1 - alpha_{j+1}) below the diagonal, 0 on and above it."""
-    B, T, K = alpha_BTK.shape
+def penalty_vector(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> jax.Array:
+    """[B, K, S] the penalty of each key j: log(1 - alpha_{j+1}) (0 for the last key, which has no successor)."""
     if dmc.mode == "train":
         # log(1 - sigmoid(z)) = log_sigmoid(-z), stable where alpha ~ 1; forced appends (alpha = 0) give 0.
         log_keep_BTK = jnp.where(alpha_BTK == 0.0, 0.0, jax.nn.log_sigmoid(-z_BTK))
     else:
         log_keep_BTK = jnp.where(alpha_BTK > 0.5, HIDDEN, 0.0)
-    # key j is penalised by the decision of token j + 1; the last key has no successor yet.
-    next_BKS = jnp.concatenate([log_keep_BTK[:, 1:], jnp.zeros((B, 1, K))], axis=1).transpose(0, 2, 1)
+    next_BTK = jnp.concatenate([log_keep_BTK[:, 1:], jnp.zeros_like(log_keep_BTK[:, :1])], axis=1)
+    return next_BTK.transpose(0, 2, 1).astype(jnp.float32)
+
+
+def merge_penalty(alpha_BTK: jax.Array, z_BTK: jax.Array, dmc: DMCConfig) -> jax.Array:
+    """[B, K, T, S] additive logits: the key penalties below the diagonal, 0 on and above it (the XLA form)."""
+    T = alpha_BTK.shape[1]
     below_TS = jnp.arange(T)[None, :] < jnp.arange(T)[:, None]
-    return jnp.where(below_TS[None, None], next_BKS[:, :, None, :], 0.0)
+    return jnp.where(below_TS[None, None], penalty_vector(alpha_BTK, z_BTK, dmc)[:, :, None, :], 0.0)
 
 
 def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, segment_ids_BT, rope, ch: int,
@@ -54,11 +58,10 @@ def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, 
     elif post_rope_keep is not None:
         khat_BTKD = khat_BTKD.at[..., ch].multiply(jnp.asarray(post_rope_keep, khat_BTKD.dtype))
         q_BTHD = q_BTHD.at[..., ch].multiply(jnp.asarray(post_rope_keep, q_BTHD.dtype))
-    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
-    bias_BKTS = merge_penalty(alpha_BTK, z_BTK, dmc)
     vhat_BTKD = vhat_BTKD.astype(v_BTKD.dtype)
-    out_BTHD = grouped_attention(q_BTHD, khat_BTKD, vhat_BTKD, mask_B1TS, bias_BKTS)
+    # XLA's masked attention with the T x T penalty, or the Pallas flash kernel that never builds it (on GPU).
+    out_BTHD = kernels.dmc_attention(q_BTHD, khat_BTKD, vhat_BTKD, alpha_BTK, z_BTK, segment_ids_BT, dmc,
+                                     kernels=dmc.kernels)
     return (out_BTHD, khat_BTKD, vhat_BTKD) if return_slots else out_BTHD
 
 

@@ -26,6 +26,8 @@ class DMCConfig:
         before RoPE already removes the channel from q.k; zeroing after it as well also drops the RoPE partner
         channel's sine term, so with True an all-append DMC model differs slightly from the vanilla model with the
         same weights; with False it equals it bitwise.
+    kernels: training-form attention by 'xla' (masked, builds T x T), 'pallas' (flash kernel) or 'auto' (Pallas
+        on GPU, XLA elsewhere); see dmc_jax/kernels.py.
     """
 
     decision_channel: int = -1
@@ -35,6 +37,7 @@ class DMCConfig:
     window: Optional[int] = 12
     mode: str = "train"
     zero_after_rope: bool = True
+    kernels: str = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -43,6 +46,8 @@ class DMCConfig:
             raise UserError(f"dmc.temperature must be > 0; got {self.temperature}")
         if self.importance_eps < 0:
             raise UserError(f"dmc.importance_eps must be >= 0; got {self.importance_eps}")
+        if self.kernels not in ("auto", "pallas", "xla"):
+            raise UserError(f"dmc.kernels must be one of auto, pallas, xla; got {self.kernels!r}")
         if self.window is not None and self.window < 1:
             raise UserError(f"dmc.window must be >= 1 (or 0 for unbounded); got {self.window}")
 

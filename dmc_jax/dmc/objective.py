@@ -52,7 +52,7 @@ class DMCObjective:
         ce, metrics = token_cross_entropy(logits_BTV, batch)
         valid_BT = batch["segment_ids"] > 0
         target = target_cr(step, self.final_cr, self.zero_out_steps, self.retrofit_steps)
-        l_cr = compression_loss(aux["alpha_st_BTK"], valid_BT, target)
+        l_cr = compression_loss(aux["alpha_st_BTK"], valid_BT, target) if not self.control else jnp.float32(0.0)
         stats = decision_stats(jax.lax.stop_gradient(aux["alpha_st_BTK"]), valid_BT)
         metrics.update({
             CE: ce, "cr_loss": l_cr, "cr_target": target, "cr": compression_ratio(stats["alpha_mean"]),
@@ -88,7 +88,7 @@ def dmc_config(c: ml_collections.ConfigDict) -> DMCConfig:
     """DMCConfig from the `dmc` config section (window 0 = unbounded)."""
     return DMCConfig(decision_channel=c.decision_channel, decision_offset=c.decision_offset,
                      temperature=c.temperature, importance_eps=c.importance_eps, window=c.window or None,
-                     zero_after_rope=c.zero_after_rope)
+                     zero_after_rope=c.zero_after_rope, kernels=c.get("kernels", "auto"))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -106,6 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
         importance_eps=2.0 ** -7,
         window=12,                # accumulation window; 0 = unbounded
         zero_after_rope=True,     # reference convention (see dmc_jax/dmc/config.py)
+        kernels="auto",           # training attention: 'auto' (Pallas flash kernel on GPU, XLA elsewhere) | 'xla' | 'pallas'
     ))
 
 
