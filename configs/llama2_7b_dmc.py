@@ -15,6 +15,8 @@ import ml_collections
 
 from dmc_jax.data import options as data_options
 from dmc_jax.dmc.objective import default_config as dmc_default_config
+from dmc_jax.tasks.plan import default_config as plan_default_config
+from dmc_jax.training.distributed import default_config as distributed_default_config
 
 VARIANTS = {"cr2": 2.0, "cr4": 4.0, "cr8": 8.0}
 
@@ -34,6 +36,7 @@ def get_config(variant: str = "cr4"):
     c.model.compute_dtype = "bfloat16"
     c.model.max_seq_len = 4096
     c.model.remat = True
+    c.model.remat_policy = "full"                 # none | full | dots | dots_with_no_batch_dims (model/remat.py)
 
     c.data = data_options.default_config()
     c.data.source = "tfds:c4/en:3.1.0"
@@ -49,6 +52,7 @@ def get_config(variant: str = "cr4"):
     c.train.objective = "dmc"
     c.train.steps = c.dmc.zero_out_steps + c.dmc.retrofit_steps + 2000
     c.train.grad_accum = 16                       # micro-batches per step; tune to the memory planner
+    c.train.offload_opt_state = False             # True: AdamW state in pinned host memory between steps
     c.train.log_every = 10
     c.train.eval_every = 500
     c.train.eval_batches = 32
@@ -80,6 +84,13 @@ def get_config(variant: str = "cr4"):
     c.mesh.data = -1                               # the rest of the devices
     c.mesh.fsdp = 8                                # shard params / optimizer state within a node
     c.mesh.tensor = 1
+    c.mesh.dcn_data = 1                            # nodes an axis spans in a hybrid mesh; 1 each = devices in
+    c.mesh.dcn_fsdp = 1                            # process order, the last axes inside a node, which is what
+    c.mesh.dcn_tensor = 1                          # these meshes want
     c.mesh.rules = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
                     ("kv_heads", "tensor"), ("mlp", "tensor"), ("layers", None), ("head_dim", None))
+
+    c.distributed = distributed_default_config()   # SLURM / launcher detection (dmc_jax/training/distributed.py)
+    c.plan = plan_default_config()                 # --config.task=plan: memory per GPU (dmc_jax/tasks/plan.py)
+    c.plan.devices = 16                            # the cluster planned for: 2 nodes x 8 H100
     return c

@@ -7,7 +7,8 @@ import ml_collections
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
-TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "convert_kv_heads", "compare")
+TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
+         "compare")
 CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped")
 
 
@@ -38,6 +39,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("model.param_dtype", m.param_dtype, sorted(DTYPES))
     _one_of("model.compute_dtype", m.compute_dtype, sorted(DTYPES))
     _at_least("model.max_seq_len", m.max_seq_len, 0)
+    if m.get("remat_policy"):
+        from dmc_jax.model.remat import POLICIES
+        _one_of("model.remat_policy", m.remat_policy, POLICIES)
     if not m.source:
         raise UserError("model.source is empty; use 'smollm2', a .gguf file or a Hugging Face model directory")
     if "cache" in config:
@@ -78,9 +82,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.task == "compare":
             from dmc_jax.evaluation.compare_options import validate as validate_compare
             validate_compare(config.compare)
-    if config.task in ("train", "retrofit"):
+    if config.task in ("train", "retrofit", "plan"):
         _sections(config, ("data", "train", "optim", "checkpoint"))
         _validate_training(config)
+    if "distributed" in config:
+        from dmc_jax.training.distributed import validate as validate_distributed
+        validate_distributed(config)
+    if config.task == "plan":
+        from dmc_jax.tasks.plan import validate as validate_plan  # the plan section validates itself
+        validate_plan(config)
     if config.task == "retrofit" or (config.task == "train" and config.train.objective == "dmc"):
         _sections(config, ("dmc",) + (("retrofit",) if config.task == "retrofit" else ()))
         from dmc_jax.dmc.objective import validate as validate_dmc
@@ -116,6 +126,7 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
         _at_least(f"train.{name}", t[name], 0)
     for name in ("progress", "tensorboard"):
         _bool(f"train.{name}", t[name])
+    _bool("train.offload_opt_state", t.get("offload_opt_state", False))
     if not o.lr > 0 or o.lr == float("inf"):
         raise UserError(f"optim.lr must be a positive number; got {o.lr!r}")
     _one_of("optim.schedule", o.schedule, SCHEDULES)
@@ -145,6 +156,10 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
                 raise UserError(f"mesh.{axis} must be a positive device count or -1 (the rest); got {size!r}")
         if sizes.count(-1) > 1:
             raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for axis, size in zip(AXES, sizes):
+            dcn = config.mesh.get(f"dcn_{axis}", 1)
+            if not isinstance(dcn, int) or dcn < 1 or (size != -1 and size % dcn):
+                raise UserError(f"mesh.dcn_{axis} must be a positive divisor of mesh.{axis}={size}; got {dcn!r}")
         for rule in config.mesh.rules:
             axes = rule[1] if isinstance(rule, (tuple, list)) and len(rule) == 2 else None
             names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)

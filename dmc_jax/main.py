@@ -18,7 +18,7 @@ from dmc_jax.errors import UserError
 _TASKS = {"demo": ("dmc_jax.tasks.demo", True), "generate": ("dmc_jax.tasks.generate", True),
           "eval": ("dmc_jax.tasks.evaluate", True), "bench": ("dmc_jax.tasks.bench", True),
           "prepare_data": ("dmc_jax.tasks.prepare_data", False), "train": ("dmc_jax.tasks.train", True, "training"),
-          "retrofit": ("dmc_jax.tasks.retrofit", True, "training"),
+          "retrofit": ("dmc_jax.tasks.retrofit", True, "training"), "plan": ("dmc_jax.tasks.plan", False),
           "convert_kv_heads": ("dmc_jax.tasks.convert_kv_heads", True), "compare": ("dmc_jax.tasks.compare", True)}
 
 
@@ -30,6 +30,12 @@ def run(argv: Sequence[str]) -> str:
 
     config = parse_argv(argv)
     validate(config)
+    from dmc_jax.training import distributed  # before anything touches a device: joins the process group
+
+    if distributed.initialize(config).multi_process:
+        if not config.get("output_dir"):
+            raise UserError("a multi-process run needs the same output_dir in every process; set output_dir")
+        print(distributed.describe(), flush=True)
     module_name, needs_model, *layout = _TASKS[config.task]
     task = importlib.import_module(module_name)
     out_dir = common.run_dir(config)
@@ -43,6 +49,8 @@ def run(argv: Sequence[str]) -> str:
     else:
         results = task.run(config)
     results["wall_seconds"] = time.perf_counter() - start
+    if not distributed.is_main_process():  # process 0 writes results.json
+        return f"{out_dir}/results.json"
     return common.write_results(out_dir, results, config)
 
 

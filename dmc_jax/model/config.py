@@ -41,6 +41,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = ""  # '' = 'full' if remat else 'none'; names in dmc_jax/model/remat.py
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from dmc_jax.cache.protocol import CacheMethod, State
 from dmc_jax.model.attention import causal_mask, grouped_attention
 from dmc_jax.model.config import ModelConfig
+from dmc_jax.model import remat, shard
 from dmc_jax.model.layers import Rope, rms_norm, swiglu
 from dmc_jax.model.params import Params
 
@@ -67,6 +68,7 @@ def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: Att
 
     def layer_fn(carry, layer_in):
         x_BTD, state = carry
+        x_BTD = shard.constrain(x_BTD, ("batch", None, None))  # rows over data/fsdp, like the batch
         w, layer = layer_in
         w = jax.tree.map(lambda a: a.astype(dtype) if a.ndim > 1 else a, w)
         h_BTD = rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
@@ -79,8 +81,7 @@ def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: Att
         x_BTD = x_BTD + swiglu(h_BTD, w["gate"], w["up"], w["down"])
         return (x_BTD, state), aux
 
-    if cfg.remat:
-        layer_fn = jax.checkpoint(layer_fn, prevent_cse=False)
+    layer_fn = remat.wrap(layer_fn, cfg.remat, cfg.remat_policy)
     if isinstance(params["layers"], tuple):
         carry, auxes = (x_BTD, state), []
         for i, w in enumerate(params["layers"]):
@@ -101,9 +102,11 @@ def _logits(params: Params, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
     h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
     if cfg.tie_embeddings:
         w_VD = params["embed"]["embedding"].astype(cfg.dtype)
-        return jnp.einsum("btd,vd->btv", h_BTD, w_VD, preferred_element_type=jnp.float32)
-    return jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(cfg.dtype),
-                      preferred_element_type=jnp.float32)
+        logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, w_VD, preferred_element_type=jnp.float32)
+    else:
+        logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(cfg.dtype),
+                                preferred_element_type=jnp.float32)
+    return shard.constrain(logits_BTV, ("batch", None, "vocab"))
 
 
 def forward_aux(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, positions_BT: Optional[jax.Array] = None,

@@ -33,7 +33,8 @@ def load_model(config: ml_collections.ConfigDict, layout: str = "inference"):
         raise UserError(f"model.max_seq_len={max_len} exceeds the model's context length {cfg.max_seq_len}; "
                         f"lower model.max_seq_len (0 = the model's own)")
     cfg = cfg.replace(param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-                      max_seq_len=max_len, remat=config.model.remat)
+                      max_seq_len=max_len, remat=config.model.remat,
+                      remat_policy=config.model.get("remat_policy", ""))
     params = jax.tree.map(lambda x: np.asarray(x, cfg.pdtype), loaded.params)
     if layout == "inference":
         params = unstack_layers(params)  # numpy views: no second copy of the weights

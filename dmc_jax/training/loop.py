@@ -33,7 +33,7 @@ from tqdm import tqdm
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import ModelConfig
 from dmc_jax.model.params import flatten, logical_axes
-from dmc_jax.training import sharding
+from dmc_jax.training import offload, sharding
 from dmc_jax.training.checkpoint import Checkpointer
 from dmc_jax.training.metrics_log import MetricsWriter
 from dmc_jax.training.objective import CE, WEIGHT, Objective
@@ -96,7 +96,8 @@ def mesh_options(config) -> tuple[dict, tuple]:
     if mesh is None:
         return {"data": 1, "fsdp": 1, "tensor": 1}, sharding.DEFAULT_RULES
     rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], (list, tuple)) else r[1]) for r in mesh.rules)
-    return {a: mesh[a] for a in sharding.AXES}, rules
+    dcn = {f"dcn_{a}": mesh.get(f"dcn_{a}", 1) for a in sharding.AXES}  # nodes per axis (hybrid mesh)
+    return {**{a: mesh[a] for a in sharding.AXES}, **dcn}, rules
 
 
 def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None) -> Setup:
@@ -109,10 +110,14 @@ def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None) 
     o_sh = sharding.state_shardings(jax.eval_shape(tx.init, abstract), params, p_sh, mesh)
     b_sh = sharding.batch_sharding(mesh, rules)
     rep = NamedSharding(mesh, P())
-    train_step = jax.jit(make_train_step(objective, tx, schedule, config.train.grad_accum),
+    hints = sharding.activation_hints(mesh, rules)  # activations named in the model, mapped by the same rules
+    step_fn = make_train_step(objective, tx, schedule, config.train.grad_accum)
+    if config.train.get("offload_opt_state", False):  # optimizer state in pinned host memory between steps
+        step_fn, o_sh = offload.offloaded(step_fn, o_sh), offload.host_shardings(o_sh)
+    train_step = jax.jit(hints(step_fn),
                          in_shardings=(p_sh, o_sh, b_sh, rep, rep), out_shardings=(p_sh, o_sh, rep),
                          donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(objective), in_shardings=(p_sh, b_sh, rep), out_shardings=rep)
+    eval_step = jax.jit(hints(make_eval_step(objective)), in_shardings=(p_sh, b_sh, rep), out_shardings=rep)
     return Setup(mesh, rules, p_sh, o_sh, b_sh, rep, tx, schedule, train_step, eval_step)
 
 
@@ -128,8 +133,20 @@ def fingerprint(params, opt_abstract, config) -> dict:
     return fp
 
 
+class _NoWriter:
+    """The MetricsWriter of processes other than 0."""
+
+    path = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _check_batch(batch: dict, grad_accum: int, divisor: int) -> None:
-    rows = batch["tokens"].shape[0]
+    rows = batch["tokens"].shape[0] * jax.process_count()  # global rows: each process feeds its share
     if rows % grad_accum or (rows // grad_accum) % divisor:
         raise UserError(f"{rows} rows per batch cannot be split into train.grad_accum={grad_accum} micro-batches "
                         f"divisible by the {divisor} batch shards of the mesh; change data.batch_size, "
@@ -197,8 +214,10 @@ def train(config, model, objective: Objective, data: TrainData) -> dict:
         ckpt.close()
         raise
     start = latest or 0
-    writer = MetricsWriter(run_dir, t.tensorboard, resume_step=latest)
-    bar = tqdm(total=t.steps, initial=start, disable=not t.progress, unit="step", dynamic_ncols=True)
+    main_process = jax.process_index() == 0  # the others train too but write no logs
+    writer = MetricsWriter(run_dir, t.tensorboard, resume_step=latest) if main_process else _NoWriter()
+    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main_process), unit="step",
+               dynamic_ncols=True)
     divisor = sharding.batch_divisor(s.mesh, s.rules)
     print(f"training steps {start + 1}..{t.steps} on mesh {dict(s.mesh.shape)}; checkpoints in {ckpt.directory}"
           + (f" (resumed from step {latest})" if latest is not None else ""), flush=True)

@@ -22,17 +22,52 @@ DEFAULT_RULES = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fs
                  ("kv_heads", "tensor"), ("mlp", "tensor"), ("layers", None), ("head_dim", None))
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices; one size may be -1 (the rest)."""
-    devices = list(jax.devices() if devices is None else devices)
+def resolve_sizes(mesh_cfg, num_devices: int) -> list[int]:
+    """[data, fsdp, tensor] with a -1 replaced by the devices left over."""
     sizes = [mesh_cfg[a] for a in AXES]
     if sizes.count(-1) == 1:
         known = math.prod(s for s in sizes if s != -1)
-        sizes[sizes.index(-1)] = max(len(devices) // known, 1)
+        sizes[sizes.index(-1)] = max(num_devices // known, 1)
+    return sizes
+
+
+def dcn_sizes(mesh_cfg) -> list[int]:
+    """[dcn_data, dcn_fsdp, dcn_tensor]: how many granules (nodes) each axis spans; 1 when absent."""
+    return [int(mesh_cfg.get(f"dcn_{a}", 1) or 1) for a in AXES]
+
+
+def hybrid_devices(devices: Sequence[jax.Device], sizes: Sequence[int], dcn: Sequence[int]) -> np.ndarray:
+    """Devices as a sizes-shaped array where axis i spans dcn[i] granules of sizes[i] / dcn[i] devices each.
+
+    Granules are consecutive blocks of devices ordered by (process, id), i.e. nodes when ranks are node-major
+    (srun's default): collectives over an axis with dcn 1 stay inside a node (NVLink), the rest cross nodes.
+    """
+    ici = [s // d for s, d in zip(sizes, dcn)]
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    arr = np.empty(len(ordered), dtype=object)
+    arr[:] = ordered
+    arr = arr.reshape(*dcn, *ici)  # granule-major
+    n = len(sizes)
+    perm = [p for i in range(n) for p in (i, n + i)]  # (dcn0, ici0, dcn1, ici1, ...)
+    return arr.transpose(perm).reshape(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor devices; one size may be -1 (the rest).
+
+    mesh.dcn_data / dcn_fsdp / dcn_tensor (default 1) say over how many nodes an axis is split (hybrid mesh).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_sizes(mesh_cfg, len(devices))
     need = math.prod(sizes)
     if need > len(devices):
         raise UserError(f"mesh data x fsdp x tensor = {' x '.join(map(str, sizes))} = {need} devices, but only "
                         f"{len(devices)} are available; lower mesh.data / mesh.fsdp / mesh.tensor")
+    dcn = dcn_sizes(mesh_cfg)
+    if any(s % d for s, d in zip(sizes, dcn)):
+        raise UserError(f"mesh sizes {sizes} must be multiples of mesh.dcn_data/dcn_fsdp/dcn_tensor {dcn}")
+    if math.prod(dcn) > 1:
+        return Mesh(hybrid_devices(devices[:need], sizes, dcn), AXES)
     return Mesh(np.asarray(devices[:need], dtype=object).reshape(sizes), AXES)
 
 
@@ -86,6 +121,25 @@ def state_shardings(abstract_state: Any, params: Any, shardings: Any, mesh: Mesh
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def activation_hints(mesh: Mesh, rules):
+    """fn -> fn traced with dmc_jax.model.shard's activation names mapped to NamedShardings on mesh by rules."""
+    import functools
+
+    from dmc_jax.model.shard import activation_sharding
+
+    def spec_fn(logical, shape):
+        return NamedSharding(mesh, mesh_spec(P(*logical), shape, mesh, rules))
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def traced(*args):
+            with activation_sharding(spec_fn):
+                return fn(*args)
+        return traced
+
+    return wrap
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
