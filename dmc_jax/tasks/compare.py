@@ -128,11 +128,12 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     if tok is None:
         raise UserError(f"model {model.source} has no tokenizer; compare needs one")
     data = _data(config, tok)
-    rows = [_evaluate(config, "base", model.params, model.cfg, tok, "dense", 1, None, data)]
+    rows = Rows(config.output_dir, list(c.mc_tasks) if "mc" in c.evals else [])
+    rows.append(_evaluate(config, "base", model.params, model.cfg, tok, "dense", 1, None, data))
     for name in c.methods:
         if name != "dense":
-            rows += [_evaluate(config, "base", model.params, model.cfg, tok, name, float(r), None, data)
-                     for r in c.ratios]
+            for r in c.ratios:
+                rows.append(_evaluate(config, "base", model.params, model.cfg, tok, name, float(r), None, data))
     grams = None
     for spec in c.kv_heads:
         kv_method, rope = spec.split(":")
@@ -160,10 +161,30 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         extra = load_model(extra_config)
         rows += [_evaluate(config, label, extra.params, extra.cfg, tok, method, float(r), None, data)
                  for r in (c.ratios if method != "dense" else (1,))]
-    dense_bytes = rows[0].get("bytes_per_seq")
-    for r in rows:
-        if r.get("bytes_per_seq") and dense_bytes:
-            r["bytes_cr"] = dense_bytes / r["bytes_per_seq"]
-    out = compare_report.write_all(config.output_dir, rows, list(c.mc_tasks) if "mc" in c.evals else [])
+    out = rows.write()
     print(open(out["table"]).read())
-    return {"rows": rows, **out}
+    return {"rows": list(rows), **out}
+
+
+class Rows(list):
+    """The rows so far; the table is rewritten after each one so a long run shows partial results."""
+
+    def __init__(self, out_dir: str, mc_tasks):
+        super().__init__()
+        self.out_dir, self.mc_tasks = out_dir, mc_tasks
+
+    def write(self) -> dict:
+        dense_bytes = self[0].get("bytes_per_seq") if self else None
+        for r in self:
+            if r.get("bytes_per_seq") and dense_bytes:
+                r["bytes_cr"] = dense_bytes / r["bytes_per_seq"]
+        return compare_report.write_all(self.out_dir, list(self), self.mc_tasks)
+
+    def append(self, row) -> None:
+        super().append(row)
+        self.write()
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
