@@ -92,5 +92,5 @@ def get_config(variant: str = "cr4"):
 
     c.distributed = distributed_default_config()   # SLURM / launcher detection (dmc_jax/training/distributed.py)
     c.plan = plan_default_config()                 # --config.task=plan: memory per GPU (dmc_jax/tasks/plan.py)
-    c.plan.devices = 16                            # the cluster planned for: 2 nodes x 8 H100
+    c.plan.devices = 64                            # the cluster planned for: 8 nodes x 8 H100 (1 row per GPU)
     return c

@@ -109,3 +109,13 @@ def test_plan_needs_the_cluster_size_for_a_minus_one_mesh(tmp_path, capsys):
             "--config.plan.devices=0", f"--config.output_dir={tmp_path}"]
     assert main(argv) == 2
     assert "set plan.devices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama2_7b_dmc", "llama2_13b_dmc", "llama2_70b_dmc", "llama3_8b_dmc"])
+def test_every_cluster_config_fits_an_80gb_gpu_on_its_planned_cluster(name):
+    c = load_config_file(os.path.join(ROOT, "configs", f"{name}.py:cr8"))
+    c.task = "plan"
+    plan.validate(c)
+    est = plan.analytic(plan.architecture(c), c)
+    assert est["peak"] < (c.plan.hbm_gb - c.plan.reserve_gb) * 1e9, (name, est)
+    assert c.data.batch_size % (c.train.grad_accum * est["mesh"]["data"] * est["mesh"]["fsdp"]) == 0
