@@ -24,7 +24,7 @@ def get_config():
     c.model.remat = False
 
     c.cache = ml_collections.ConfigDict()
-    c.cache.method = "dense"        # dense | streaming_llm | h2o | tova | snapkv | corm | corm_capped
+    c.cache.method = "dense"        # dense | streaming_llm | h2o | tova | snapkv | corm | corm_capped | dmc | dmc_paged
     # Eviction policies (docs: /work/shared/docs/BASELINES.md); budget = KV slots per layer, sequence and KV head.
     c.cache.budget = 256                 # the buffer allocated (not corm, whose size is adaptive)
     c.cache.n_sink = 4                   # streaming_llm: initial tokens always kept (attention sinks)
@@ -36,6 +36,17 @@ def get_config():
     c.cache.corm_window = 32             # corm: w, the recent queries that must all find a key unimportant
     c.cache.corm_recent = 32             # corm: r, the most recent tokens are never evicted
     c.cache.corm_alpha = 1.0             # corm: unimportant = attention below alpha / keys seen (1 = uniform)
+    # DMC caches: dmc (padded: a buffer of `capacity` slots per head) and dmc_paged (a shared pool of small pages).
+    # Their DMC hyper-parameters (window, channel, offset, ...) come from the `dmc` section when the config has one.
+    c.cache.capacity = 0                 # dmc: slots per head; 0 = max_tokens / target_cr * margin (or max_tokens)
+    c.cache.target_cr = 0.0              # dmc, dmc_paged: expected compression ratio, sizes buffer / pool; 0 = none
+    c.cache.margin = 1.25                # dmc, dmc_paged: head room over max_tokens / target_cr
+    c.cache.on_overflow = "error"        # dmc, dmc_paged: out of room: 'error' (raised after the run) or 'merge'
+    c.cache.page_size = 16               # dmc_paged: slots per page (16-64; DMC's reference used 256)
+    c.cache.pages = 0                    # dmc_paged: pool size in pages; 0 = from target_cr and margin
+    c.cache.attend_growth = 1.4142       # dmc_paged: XLA decode attention gathers table prefixes of widths M, M/g,
+    #                                      M/g^2, ... (the narrowest that holds every head); 0 = the whole table
+    c.cache.kernels = "auto"             # dmc_paged: decode attention 'auto' (Pallas on GPU) | 'pallas' | 'xla'
 
     c.generate = ml_collections.ConfigDict()
     c.generate.prompt = "Explain in two sentences what a key-value cache is in a transformer."

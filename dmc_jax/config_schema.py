@@ -9,7 +9,7 @@ from dmc_jax.model.config import DTYPES
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
          "compare")
-CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped")
+CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped", "dmc", "dmc_paged")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -47,7 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "cache" in config:
         _one_of("cache.method", config.cache.method, CACHE_METHODS)
         from dmc_jax.cache.registry import make_method  # each method checks the ranges of its own fields
-        make_method(config.cache)
+        make_method(config.cache, config.get("dmc"))
     if config.task in ("generate", "demo", "retrofit"):
         _sections(config, ("generate",) if config.task == "retrofit" else ("generate", "cache"))
         g = config.generate

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import ml_collections
 
 from dmc_jax.cache.corm import CORMCache
 from dmc_jax.cache.dense import DenseCache
+from dmc_jax.cache.dmc_paged import DMCPagedCache
+from dmc_jax.cache.dmc_padded import DMCPaddedCache
 from dmc_jax.cache.h2o import H2OCache
 from dmc_jax.cache.protocol import CacheMethod
 from dmc_jax.cache.snapkv import SnapKVCache
@@ -30,11 +34,31 @@ METHODS = {
 }
 
 
-def make_method(cache_config: ml_collections.ConfigDict) -> CacheMethod:
-    """The method named by cache_config.method, with its hyper-parameters from the same section."""
-    if cache_config.method not in METHODS:
-        raise UserError(f"cache.method must be one of {', '.join(METHODS)}; got {cache_config.method!r}")
+# DMC caches take the DMC hyper-parameters (window, channel, offset, ...) from the config's `dmc` section.
+DMC_METHODS = {
+    "dmc": lambda c, dmc: DMCPaddedCache(dmc, capacity=c.capacity, target_cr=c.target_cr, margin=c.margin,
+                                         on_overflow=c.on_overflow),
+    "dmc_paged": lambda c, dmc: DMCPagedCache(dmc, page_size=c.page_size, pages=c.pages, target_cr=c.target_cr,
+                                              margin=c.margin, on_overflow=c.on_overflow,
+                                              attend_growth=c.attend_growth, kernels=c.kernels),
+}
+
+
+def _dmc_hparams(dmc_section: Optional[ml_collections.ConfigDict]):
+    from dmc_jax.dmc.objective import default_config, dmc_config  # the dmc section's schema lives there
+    return dmc_config(default_config() if dmc_section is None else dmc_section)
+
+
+def make_method(cache_config: ml_collections.ConfigDict,
+                dmc_section: Optional[ml_collections.ConfigDict] = None) -> CacheMethod:
+    """The method named by cache_config.method, with its hyper-parameters from the same section (and, for DMC
+    caches, from the config's `dmc` section: pass config.get('dmc'); None = the reference defaults)."""
+    names = (*METHODS, *DMC_METHODS)
+    if cache_config.method not in names:
+        raise UserError(f"cache.method must be one of {', '.join(names)}; got {cache_config.method!r}")
     try:
+        if cache_config.method in DMC_METHODS:
+            return DMC_METHODS[cache_config.method](cache_config, _dmc_hparams(dmc_section))
         return METHODS[cache_config.method](cache_config)
     except AttributeError as e:  # a config written before the field existed
         raise UserError(f"the cache section lacks a field cache.{cache_config.method} needs ({e}); "
