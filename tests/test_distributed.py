@@ -187,3 +187,34 @@ def test_optimizer_state_offloaded_to_host_trains_the_same_and_checkpoints(tmp_p
     assert {x.sharding.memory_kind for x in jax.tree.leaves(restored["opt_state"])} == {"pinned_host"}
     for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
+@pytest.mark.slow
+def test_train_task_through_the_launcher_on_two_processes(tmp_path):
+    """python launch/local_multiprocess.py -- python -m dmc_jax.main ...: tiny DMC model, real data pipeline."""
+    from dmc_jax.data.prepare import prepare
+    from dmc_jax.dmc.objective import default_config as dmc_default_config
+    from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
+    from tests.test_data_helpers import data_config, write_corpus
+    from tests.test_training import _write_config, make_config
+
+    data = data_config(tmp_path, write_corpus(tmp_path / "corpus", num_files=3, paragraphs_per_file=30))
+    prepare(data, ByteTokenizer())
+    data.batch_size = 8
+    out = tmp_path / "run"
+    config = make_config(data, out, **{"train.steps": 4, "train.objective": "dmc", "train.grad_accum": 2,
+                                       "checkpoint.every_steps": 2})
+    config.dmc = dmc_default_config()
+    config.dmc.update(zero_out_steps=1, retrofit_steps=2, decision_offset=2.0)
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    path = _write_config(tmp_path / "tiny_dmc.py", config)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "--num_processes",
+                           "2", "--cpu_devices", "4", "--timeout", "600", "--", sys.executable, "-m", "dmc_jax.main",
+                           "--config", path], cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[1] process 1 of 2: 4 local of 8 cpu devices" in proc.stdout, proc.stdout[-3000:]
+    results = json.load(open(out / "results.json"))["results"]
+    assert results["last_checkpoint"] == 4 and results["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [2, 4]  # process 0 alone writes metrics
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]

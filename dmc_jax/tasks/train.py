@@ -6,6 +6,9 @@ metrics.jsonl, tensorboard/, checkpoints/. Run again with the same output_dir to
 
 from __future__ import annotations
 
+import jax
+from jax.experimental import multihost_utils
+
 from dmc_jax.data import pipeline
 from dmc_jax.data.prepare import prepare
 from dmc_jax.errors import UserError
@@ -23,7 +26,10 @@ def run(config, model) -> dict:
     if config.data.seq_len > model.cfg.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds the model's context length "
                         f"{model.cfg.max_seq_len}; lower data.seq_len")
-    prepare(config.data, tokenizer)
+    if jax.process_index() == 0:  # one process prepares the corpus (idempotent); the others wait for it
+        prepare(config.data, tokenizer)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("dmc_jax prepare_data")
     objective = make_objective(config.train.objective, config, model.cfg)
     eval_data = None
     if config.train.eval_every:
