@@ -131,11 +131,18 @@ def run_ours(args) -> None:
         return c
 
     tokens = jnp.asarray(rows)
+    path = os.path.join(args.out, "ours.json")
     results = {"context": C, "continuation": M, "ours": {}}
+    if os.path.exists(path):  # add to an earlier run (e.g. other methods or ratios)
+        with open(path) as f:
+            results = json.load(f)
     start = time.perf_counter()
-    results["ours"]["dense"] = math.exp(float(nll(params, tokens, DenseCache(), None)))
-    print(f"dense {results['ours']['dense']:.3f}", flush=True)
+    if "dense" not in results["ours"]:
+        results["ours"]["dense"] = math.exp(float(nll(params, tokens, DenseCache(), None)))
+        print(f"dense {results['ours']['dense']:.3f}", flush=True)
     for name, (fields, _) in METHODS.items():
+        if args.methods and name not in args.methods:
+            continue
         for r in args.ratios:
             budget = math.ceil(C / r)
             try:
@@ -147,9 +154,8 @@ def run_ours(args) -> None:
             ppl = math.exp(float(nll(params, tokens, method, grown)))
             results["ours"][f"{name}@{r}"] = ppl
             print(f"{name} CR {r}: {ppl:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ours.json"), "w") as f:
-        json.dump(results, f)
+            with open(path, "w") as f:  # after every method: a long run keeps what it has
+                json.dump(results, f)
 
 
 def run_kvpress(args) -> None:
@@ -248,6 +254,7 @@ def main():
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--methods", nargs="*", default=[], help="our side: a subset of " + ", ".join(METHODS))
     ap.add_argument("--ratios", type=int, nargs="+", default=list(RATIOS), help="our side (each ratio compiles)")
     args = ap.parse_args()
     {"ids": write_ids, "ours": run_ours, "kvpress": run_kvpress, "report": report}[args.side](args)

@@ -9,8 +9,11 @@ compare.extra_models (e.g. a DMC-retrofitted checkpoint with its cache method: t
     (d) cache bytes allocated per sequence (at compare.context tokens) and the bytes CR vs the dense cache
 Writes compare.md, ppl_vs_cr.png and passkey.png in the run directory; results.json holds every row.
 
-Cost (SmolLM2-135M, fp32): each row compiles a decode scan per shape (~1 min on an idle 2-core CPU) and decodes
-at ~50 tokens/s at batch 4; the defaults (16 rows) take about 15-20 minutes on an idle machine.
+Cost (SmolLM2-135M, fp32, 2-core CPU): compilation dominates. Each row compiles one decode scan per shape
+(perplexity, each passkey length, multiple choice), 30-90 s each, and decodes at ~50 tokens/s at batch 4
+(measured with other jobs sharing the cores, so upper bounds). The defaults (22 rows x 4 compilations) are
+for a quiet machine or a GPU; a ~15-20 minute CPU run is e.g. compare.ratios=(4,), compare.context=256,
+compare.ppl_sequences=2, compare.passkey_lengths=(256,), compare.mc_tasks=('strategyqa',) (9 rows).
 """
 
 from __future__ import annotations
