@@ -53,6 +53,7 @@ def plot_ppl(rows: list[dict], path: str) -> None:
         if r["model"] != "base" and r.get("ppl") is not None:
             ax.scatter([r["bytes_cr"]], [r["ppl"]], marker="*", s=120, label=f"{r['model']} ({r['method']})")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # unconverted KV-head models can be orders of magnitude off
     ax.set_xlabel("compression ratio (cache bytes, dense / method)")
     ax.set_ylabel("perplexity, decoded through the cache")
     ax.grid(alpha=0.3)
