@@ -20,8 +20,14 @@ Allocation happens inside the jitted steps, for all heads of a layer at once: th
 consecutive entries from the top of the free stack by an exclusive prefix sum of their needs (decode: a head
 whose append opens a slot in a page it does not hold needs one; prefill: ceil(slots / N) each, after returning
 the pages the rows held). `free_sequences` returns the pages of finished rows; `take_rows` / `put_rows` let a
-serving loop prefill new prompts into those rows while the other rows keep their state. A row with no slots that
-is not at its first token is idle: decoding it takes no page and writes nothing.
+serving loop prefill new prompts into those rows while the other rows keep their state:
+
+    state = free_sequences(state, done_B)                   # finished rows give their pages back
+    sub = take_rows(state, rows_R)                          # the freed rows, with the shared pool
+    logits_RV, sub = llama.prefill(params, tokens_RT, lengths_R, sub, method, cfg)
+    state = put_rows(state, sub, rows_R)                    # then decode all rows, each at its own position
+
+A row with no slots that is not at its first token is idle: decoding it takes no page and writes nothing.
 
 An exhausted pool is never silent: the append merges into the head's last slot (so the state stays valid), the
 head's `overflow` and `refused` count it, and `check` raises a UserError naming the layer and head unless
