@@ -6,7 +6,7 @@ Sized so the whole job (data, DMC retrofit, vanilla control, evaluation, report)
 2-core CPU: 1024 tokens per step, 4 zero-out + 24 ramp + 12 fine-tune steps. That is ~41k tokens, a demonstration of
 the mechanics (the reference recipe uses ~35B tokens for CR 2), with deliberate departures from the reference
 recipe that such a short run needs, all config fields: a decision offset of 2 instead of 5 (stage 2 starts at
-alpha ~ 0.12 instead of 0.007), a 10x learning rate on the W_q/W_k columns of the decision channel
+alpha ~ 0.12 instead of 0.007), a 100x learning rate on the W_q/W_k columns of the decision channel
 (dmc.decision_lr_scale: with AdamW the decision logit moves by a fixed amount per step, too little in a few dozen
 steps), a compression-loss weight of 50 (the loss averages decisions over 30 layers x 3 heads x 256 tokens, so
 each decision's pull is ~1/23000 while a merge's cross-entropy cost is averaged over 256 tokens only: at weight
@@ -44,7 +44,7 @@ def get_config():
     c.dmc.zero_out_steps = 4
     c.dmc.retrofit_steps = 24
     c.dmc.decision_offset = 2.0     # reference: 5 (see the docstring)
-    c.dmc.decision_lr_scale = 10.0  # reference: 1 (see the docstring)
+    c.dmc.decision_lr_scale = 100.0  # reference: 1 (see the docstring)
     c.dmc.cr_loss_weight = 50.0     # reference: 1 (see the docstring)
 
     c.train = ml_collections.ConfigDict()
@@ -89,10 +89,11 @@ def get_config():
     c.retrofit.control = True       # also train the vanilla control (same recipe and tokens, CR fixed at 1)
 
     c.generate = ml_collections.ConfigDict()
-    c.generate.prompt = "Write two sentences about the sea."
+    # A plain continuation: ~40k tokens of Shakespeare do not keep the instruct model's chat behaviour.
+    c.generate.prompt = "ROMEO. But soft, what light through yonder window breaks?"
     c.generate.prompts_file = ""
-    c.generate.chat = True
-    c.generate.max_new_tokens = 48
+    c.generate.chat = False
+    c.generate.max_new_tokens = 64
     c.generate.temperature = 0.0
     c.generate.top_k = 0
     c.generate.top_p = 1.0

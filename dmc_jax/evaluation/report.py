@@ -14,16 +14,18 @@ def cr_heatmap(cr_LK: np.ndarray, path: str, title: str) -> str:
 
     L, K = cr_LK.shape
     fig, ax = plt.subplots(figsize=(1.6 + 0.9 * K, 1.2 + 0.22 * L))
-    im = ax.imshow(cr_LK, aspect="auto", cmap="viridis", vmin=1.0)
+    from matplotlib.colors import LogNorm
+
+    im = ax.imshow(cr_LK, aspect="auto", cmap="viridis", norm=LogNorm(vmin=1.0, vmax=max(float(cr_LK.max()), 1.01)))
     for l in range(L):
         for k in range(K):
             ax.text(k, l, f"{cr_LK[l, k]:.1f}", ha="center", va="center", fontsize=7,
-                    color="white" if cr_LK[l, k] < cr_LK.max() * 0.6 else "black")
+                    color="white" if np.log(cr_LK[l, k]) < 0.6 * np.log(max(cr_LK.max(), 1.01)) else "black")
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(K))
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, label="compression ratio")
+    fig.colorbar(im, ax=ax, label="compression ratio (log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -34,14 +36,14 @@ def markdown_table(results: dict) -> str:
     """The retrofit summary: one row per model (original, control, DMC) plus the DMC cache's generation."""
     lines = [f"Held-out text: {results['heldout_tokens']} tokens ({', '.join(results['heldout_files'])}); "
              f"target CR {results['target_cr']}.", "",
-             "| model | tokens trained | training wall time | held-out perplexity | bits/byte | achieved CR |",
+             "| model | tokens trained | time in training steps | held-out perplexity | bits/byte | achieved CR |",
              "|---|---|---|---|---|---|"]
     for name in ("original", "control", "dmc"):
         if name not in results:
             continue
         r = results[name]
         trained = f"{r['tokens_trained']:,}" if "tokens_trained" in r else "-"
-        wall = f"{r['train']['wall_seconds']:.0f} s" if "train" in r else "-"
+        wall = f"{r['train']['training_seconds']:.0f} s" if "train" in r else "-"
         lines.append(f"| {name} | {trained} | {wall} | {r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | "
                      f"{r['compression_ratio']:.2f} |")
     gen = results.get("dmc", {}).get("generation")

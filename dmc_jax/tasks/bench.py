@@ -39,7 +39,7 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def run(config: ml_collections.ConfigDict, model) -> dict:
     b, cfg, params = config.bench, model.cfg, model.params
-    method = make_method(config.cache)
+    method = make_method(config.cache, config.get("dmc"))
     text = "The quick brown fox jumps over the lazy dog. " * 200
     ids = model.tokenizer.encode(text)
     param_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))

@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     gen = GenerateConfig(max_new_tokens=g.max_new_tokens,
                          sampling=SamplingConfig(g.temperature, g.top_k, g.top_p),
                          stop_ids=tuple(tok.stop_ids), pad_id=0)
-    method = make_method(config.cache)
+    method = make_method(config.cache, config.get("dmc"))
     start = time.perf_counter()
     out = generate(model.params, prompts, model.cfg, method, gen, jax.random.PRNGKey(config.seed))
     seconds = time.perf_counter() - start

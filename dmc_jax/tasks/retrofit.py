@@ -52,12 +52,26 @@ def _train(sub, model, host_params):
     run_model.params = jax.tree.map(np.array, host_params)
     start = time.perf_counter()
     summary = train_task.run(sub, run_model)
-    summary["wall_seconds"] = time.perf_counter() - start
+    summary["wall_seconds_this_call"] = time.perf_counter() - start
+    summary["training_seconds"] = _training_seconds(summary["run_dir"])
     objective = make_objective("dmc", sub, model.cfg)
     s = loop.setup(sub, model.cfg, host_params, objective)
     with Checkpointer(summary["checkpoint_dir"], sub.checkpoint.max_to_keep, False) as ck:
         state = ck.restore_state(summary["last_checkpoint"], s.abstract_state(host_params))
     return state["params"], summary
+
+
+def _training_seconds(run_dir: str) -> float:
+    """Seconds spent in training steps according to the run's metrics.jsonl (across resumes; no compile time in
+    a resumed run's first step is excluded, logging and checkpointing are)."""
+    import json
+
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"step_time_s"' in line]
+    total, last = 0.0, 0
+    for row in rows:
+        total += row["step_time_s"] * (row["step"] - last)
+        last = row["step"]
+    return total
 
 
 def _heldout_ids(config, tokenizer) -> tuple[list, list]:
@@ -80,9 +94,10 @@ def _evaluate(params, ids, model, config, attention) -> dict:
 
 
 def _generate_sample(params, model, config) -> dict:
-    """A chat answer through the real padded DMC cache, and its bytes next to the dense cache's."""
+    """A generation through the real padded DMC cache, and its bytes next to the dense cache's."""
     g, tok = config.generate, model.tokenizer
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": g.prompt}]))
+    text = tok.apply_chat_template([{"role": "user", "content": g.prompt}]) if g.chat else g.prompt
+    prompt = tok.encode(text)
     gen = GenerateConfig(max_new_tokens=g.max_new_tokens, stop_ids=tuple(tok.stop_ids))
     method = DMCPaddedCache(dmc_config(config.dmc), target_cr=config.dmc.target_cr, margin=1.5, on_overflow="merge")
     out = generate(llama.unstack_layers(params), [prompt], model.cfg, method, gen, jax.random.PRNGKey(0))
@@ -112,7 +127,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
             row["generation"] = _generate_sample(params, model, config)
         results[name] = row
         print(f"{name}: perplexity {row['perplexity']:.3f}, compression ratio {row['compression_ratio']:.2f} "
-              f"({summary['wall_seconds']:.0f} s of training)")
+              f"({summary['training_seconds']:.0f} s of training steps)")
     out_dir = config.output_dir
     results["cr_heatmap"] = cr_heatmap(np.asarray(results["dmc"]["compression_ratio_layer_head"]),
                                        os.path.join(out_dir, "cr_heatmap.png"),
