@@ -1,37 +1,18 @@
-"""Helpers for the data tests (no tests here): a byte-level tokenizer and tiny corpora written to a tmp dir."""
+"""Helpers for the data tests (no tests here): the byte-level tokenizer and tiny corpora written to a tmp dir."""
 
 from __future__ import annotations
 
 import gzip
 import pathlib
 import random
-from typing import Optional, Sequence
 
 import ml_collections
 
 from dmc_jax.data import options
+from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer  # noqa: F401  (re-exported for the data tests)
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec "
          "romeo sierra tango uniform victor whiskey xray yankee zulu").split()
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 3..258; 0 pad, 1 bos, 2 eos. Follows dmc_jax.tokenizer.base.Tokenizer."""
-
-    vocab_size = 259
-    bos_id: Optional[int] = 1
-    eos_id: Optional[int] = 2
-    stop_ids: Sequence[int] = (2,)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = [b + 3 for b in text.encode("utf-8")]
-        return [self.bos_id] + ids if add_bos else ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return "".join(m["content"] for m in messages)
 
 
 def write_corpus(root: pathlib.Path, num_files: int = 3, paragraphs_per_file: int = 20, seed: int = 0,
