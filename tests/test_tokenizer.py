@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import pathlib
 
 import gguf
 import pytest
@@ -17,7 +18,7 @@ from dmc_jax.weights.load import load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "fixtures", "smollm2_tokenizer_reference.json")
-CORPUS = "/work/shared/corpus"
+CORPUS = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "corpus")  # ../shared next to the checkout
 CORPUS_FILES = ("python3.11-doc", "linux-doc-6.1", "perl-doc")
 
 
