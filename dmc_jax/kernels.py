@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from dmc_jax.dmc.config import DMCConfig
 from dmc_jax.errors import UserError
-from dmc_jax.model.attention import causal_mask, decode_attention, grouped_attention
+from dmc_jax.cache import paged_attention
+from dmc_jax.model.attention import causal_mask, grouped_attention
 from pallas_kernels import dmc_flash_attention, paged_decode
 from pallas_kernels.paged_decode import supported as paged_decode_supported
 
@@ -44,12 +45,7 @@ def paged_decode_attention(q_BHD: jax.Array, pool_k_PND: jax.Array, pool_v_PND: 
     N, Dh = pool_k_PND.shape[1:]
     if use_pallas(kernels) and paged_decode_supported(N, Dh):
         return paged_decode(q_BHD, pool_k_PND, pool_v_PND, block_table_BKM, count_BK, interpret=_interpret())
-    B, K, M = block_table_BKM.shape
-    table_BKM = jnp.maximum(block_table_BKM, 0)  # unallocated entries (-1) read page 0, masked by the count
-    k_BKSD = pool_k_PND[table_BKM].reshape(B, K, M * N, Dh)
-    v_BKSD = pool_v_PND[table_BKM].reshape(B, K, M * N, Dh)
-    valid_BKS = jnp.arange(M * N)[None, None] < count_BK[..., None]
-    return decode_attention(q_BHD, k_BKSD, v_BKSD, valid_BKS)
+    return paged_attention.paged_decode_attention(q_BHD, pool_k_PND, pool_v_PND, block_table_BKM, count_BK)
 
 
 def dmc_attention(q_BTHD: jax.Array, khat_BTKD: jax.Array, vhat_BTKD: jax.Array, alpha_BTK: jax.Array,
