@@ -34,13 +34,14 @@ def fade_factor(step: jax.Array, zero_out_steps: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class FadedChannelAttention:
-    """Vanilla causal attention with channel ch of q and k multiplied by `factor` (a traced scalar)."""
+    """Vanilla causal attention with channel ch of q and k multiplied by `factor` (a traced scalar, or a float when
+    the attention must be hashable, e.g. a jit static argument)."""
 
     dmc: DMCConfig
-    factor: jax.Array
+    factor: jax.Array | float
 
     def __call__(self, layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, rng: Optional[jax.Array]):
         ch = self.dmc.channel(q_BTHD.shape[-1])
-        q_BTHD = q_BTHD.at[..., ch].multiply(self.factor.astype(q_BTHD.dtype))
-        k_BTKD = k_BTKD.at[..., ch].multiply(self.factor.astype(k_BTKD.dtype))
+        q_BTHD = q_BTHD.at[..., ch].multiply(jnp.asarray(self.factor, q_BTHD.dtype))
+        k_BTKD = k_BTKD.at[..., ch].multiply(jnp.asarray(self.factor, k_BTKD.dtype))
         return causal_attention(layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, rng)

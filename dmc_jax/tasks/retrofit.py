@@ -24,6 +24,7 @@ from dmc_jax.cache.protocol import state_bytes
 from dmc_jax.cache.dense import DenseCache
 from dmc_jax.dmc.attention import DMCAttention
 from dmc_jax.dmc.objective import dmc_config
+from dmc_jax.dmc.surgery import FadedChannelAttention
 from dmc_jax.evaluation.perplexity import perplexity
 from dmc_jax.evaluation.text_files import read_text
 from dmc_jax.evaluation.report import cr_heatmap, markdown_table
@@ -119,9 +120,12 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     print(f"original: perplexity {results['original']['perplexity']:.3f}")
     runs = [("dmc", False)] + ([("control", True)] if config.retrofit.control else [])
     hard = DMCAttention(dmc_config(config.dmc).replace(mode="hard"))
+    # The control is evaluated as it was trained: vanilla attention with the decision channel faded to 0 (its W_q/W_k
+    # columns are not used by the control and may have drifted after the surgery).
+    control_attention = FadedChannelAttention(dmc_config(config.dmc), 0.0)
     for name, control in runs:
         params, summary = _train(_subrun(config, name, control), model, host_params)
-        row = _evaluate(params, ids, model, config, llama.causal_attention if control else hard)
+        row = _evaluate(params, ids, model, config, control_attention if control else hard)
         row.update(train=summary, tokens_trained=config.train.steps * config.data.batch_size * config.data.seq_len)
         if not control:
             row["generation"] = _generate_sample(params, model, config)
