@@ -33,6 +33,7 @@ def get_config():
     c.train = ml_collections.ConfigDict()
     c.train.objective = "lm"        # a name in dmc_jax.training.objective.OBJECTIVES
     c.train.steps = 50
+    c.train.export_dir = ""         # also write the final weights here as a Hugging Face directory ('' = no)
     c.train.grad_accum = 1          # micro-batches per step (data.batch_size / grad_accum rows each)
     c.train.log_every = 5           # metrics.jsonl line (means over the last log_every steps)
     c.train.eval_every = 25         # validation loss and perplexity (0 = never); also after the last step

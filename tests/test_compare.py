@@ -63,3 +63,69 @@ def test_compare_task_on_the_tiny_model(tmp_path):
         assert np.isfinite(r["ppl"]) and 0 <= r["passkey_acc"] <= 1 and set(r["mc"]) == {"fake_mc"}
     for name in ("compare.md", "ppl_vs_cr.png", "passkey.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_a_dmc_model_directory_joins_the_comparison_with_its_own_dmc_hyperparameters(tmp_path):
+    """task retrofit writes <run>/dmc/model with dmc_config.json; compare (and every task that builds a DMC cache)
+    reads the hyper-parameters from there: here a decision offset of -6 makes the random model merge almost every
+    token, which the config's own dmc defaults (offset 5) would not, so CR > 1 proves the file was used."""
+    import jax
+
+    from dmc_jax.dmc import export
+    from dmc_jax.dmc.objective import default_config
+    from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    cfg = tiny_config(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    section = default_config()
+    section.update(dict(target_cr=3.0, decision_offset=-6.0, window=4))
+    model_dir = str(tmp_path / "dmc_model")
+    export.save(model_dir, cfg, jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(3))), tok, section)
+    assert export.section_for(model_dir).to_dict() == section.to_dict()
+    assert export.section_for(str(tmp_path)) is None
+
+    out = tmp_path / "run"
+    argv = ["--config", CONFIG, "--config.task=compare", "--config.model.source=tiny", "--config.model.max_seq_len=0",
+            f"--config.output_dir={out}", "--config.compare.context=64", "--config.compare.prefix=8",
+            "--config.compare.ppl_sequences=2", "--config.compare.batch=2", "--config.compare.ratios=(4,)",
+            "--config.compare.methods=('dense',)", "--config.compare.kv_heads=()", "--config.compare.evals=('ppl',)",
+            f"--config.compare.extra_models=('dmc|{model_dir}|dmc_paged',)", "--config.cache.page_size=16",
+            "--config.cache.margin=1.0"]
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["results"]["rows"]
+    assert [(r["model"], r["method"], r["ratio"]) for r in rows] == [("base", "dense", 1), ("dmc", "dmc_paged", 3.0)]
+    assert rows[1]["budget"] is None and np.isfinite(rows[1]["ppl"])
+    assert rows[1]["logical_cr"] > 2.0 and rows[1]["bytes_cr"] > 1.5  # the pool is sized by target_cr 3
+
+
+def test_compare_refuses_an_extra_model_that_does_not_exist_before_running_any_row(tmp_path, capsys):
+    argv = ["--config", CONFIG, "--config.task=compare", "--config.model.source=tiny", "--config.model.max_seq_len=0",
+            f"--config.output_dir={tmp_path / 'run'}",
+            f"--config.compare.extra_models=('dmc|{tmp_path / 'missing'}|dmc_paged',)"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "not found" in err and "missing" in err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_rerun_reuses_the_rows_measured_with_the_same_settings_and_measures_only_the_new_ones(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--config", CONFIG, "--config.task=compare", "--config.model.source=tiny",
+              "--config.model.max_seq_len=0", f"--config.output_dir={out}", "--config.compare.context=64",
+              "--config.compare.prefix=8", "--config.compare.ppl_sequences=2", "--config.compare.batch=2",
+              "--config.compare.ratios=(4,)", "--config.compare.kv_heads=()", "--config.compare.evals=('ppl',)",
+              "--config.compare.min_budget=8"]
+    assert main(common + ["--config.compare.methods=('dense','tova')"]) == 0
+    first = json.loads((out / "rows.json").read_text())["rows"]
+    capsys.readouterr()
+    assert main(common + ["--config.compare.methods=('dense','tova','corm')"]) == 0
+    printed = capsys.readouterr().out
+    second = json.loads((out / "results.json").read_text())["results"]["rows"]
+    assert [r["key"] for r in second] == ["base|dense|1", "base|tova|4", "base|corm|-"]
+    assert second[:2] == [r | {"bytes_cr": r["bytes_cr"]} for r in first]  # the same measurements, not new ones
+    assert printed.count("reused") == 2 and "base corm CR None" in printed
+    assert second[2]["budget"] is None and second[2]["logical_cr"] >= 1.0
+    # Other settings (a different context): nothing is reused.
+    other = [a.replace("context=64", "context=48") for a in common]
+    assert other != common and main(other + ["--config.compare.methods=('dense',)"]) == 0
+    assert "reused" not in capsys.readouterr().out

@@ -360,3 +360,23 @@ def test_bad_training_config_is_one_line_exit_2(capsys, tmp_path, override, need
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
+
+
+def test_train_export_dir_writes_the_final_weights_as_a_hugging_face_directory(corpus, tmp_path):
+    """train.export_dir: the last checkpoint's parameters, bit for bit, in a directory every task can load."""
+    from dmc_jax.tasks import train as train_task
+    from dmc_jax.weights.hf_io import load_hf_dir
+
+    _, data = corpus
+    export_dir = tmp_path / "export"
+    config = make_config(data, tmp_path / "run", **{"train.steps": 3, "train.export_dir": str(export_dir)})
+    start = tiny_model()
+    initial = jax.tree.map(np.array, start.params)
+    summary = train_task.run(config, start)
+    assert summary["export_dir"] == str(export_dir)
+    cfg, params = load_hf_dir(str(export_dir))
+    assert cfg.num_layers == CFG.num_layers and cfg.num_kv_heads == CFG.num_kv_heads
+    want = _final_state(tmp_path / "run" / "checkpoints", 3)["params"]
+    for x, y, z in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(initial)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(np.asarray(y), z) for y, z in zip(jax.tree.leaves(want), jax.tree.leaves(initial)))

@@ -32,6 +32,54 @@ def markdown_table(rows: list[dict], mc_tasks) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(r: dict) -> str:
+    return r["method"] if r["model"] == "base" else f"{r['model']} ({r['method']})"
+
+
+def _measured(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("skipped") and r.get("ppl") is not None and r.get("ratio") is not None]
+
+
+def summary_table(rows: list[dict]) -> str:
+    """One line per method (or extra model), one column per nominal CR: 'ppl / passkey / MB per sequence'."""
+    rows = _measured(rows)
+    ratios = sorted({float(r["ratio"]) for r in rows})
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    lines = ["| method | " + " | ".join(f"CR {x:g}" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for label in labels:
+        cells = []
+        for x in ratios:
+            hit = [r for r in rows if _label(r) == label and float(r["ratio"]) == x]
+            if not hit:
+                cells.append("")
+                continue
+            r = hit[0]
+            mb = r.get("bytes_per_seq")
+            cells.append(f"{r['ppl']:.2f} / {_fmt(r.get('passkey_acc'))} / "
+                         f"{_fmt(None if mb is None else mb / 2 ** 20)}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def winners(rows: list[dict]) -> str:
+    """Which method has the lowest decoded perplexity, and the best passkey accuracy, at each nominal CR > 1."""
+    rows = _measured(rows)
+    out = []
+    for x in sorted({float(r["ratio"]) for r in rows if float(r["ratio"]) > 1}):
+        at = [r for r in rows if float(r["ratio"]) == x]
+        best = min(at, key=lambda r: r["ppl"])
+        line = f"- CR {x:g}: lowest perplexity {_label(best)} ({best['ppl']:.2f}"
+        others = sorted(r["ppl"] for r in at if r is not best)
+        line += f"; next {others[0]:.2f})" if others else "; the only method at this ratio)"
+        keyed = [r for r in at if r.get("passkey_acc") is not None]
+        if keyed:
+            top = max(r["passkey_acc"] for r in keyed)
+            line += f"; best passkey accuracy {top:.2f}: " + ", ".join(_label(r) for r in keyed
+                                                                          if r["passkey_acc"] == top)
+        out.append(line)
+    return "\n".join(out) + ("\n" if out else "")
+
+
 def plot_ppl(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -46,18 +94,21 @@ def plot_ppl(rows: list[dict], path: str) -> None:
             continue
         if r["model"] == "base" and r["method"] != "dense":
             series.setdefault(r["method"], []).append((r["bytes_cr"], r["ppl"]))
+        elif r["method"] in ("dmc", "dmc_paged"):  # one retrofitted model per CR: one line for DMC
+            series.setdefault(f"DMC retrofit ({r['method']})", []).append((r["bytes_cr"], r["ppl"]))
     for name, pts in sorted(series.items()):
         pts = sorted(pts + [(1.0, dense[0]["ppl"])] if dense else pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     for r in rows:
-        if r["model"] != "base" and r.get("ppl") is not None:
+        if r["model"] != "base" and r.get("ppl") is not None and r["method"] not in ("dmc", "dmc_paged"):
             ax.scatter([r["bytes_cr"]], [r["ppl"]], marker="*", s=120, label=f"{r['model']} ({r['method']})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # unconverted KV-head models can be orders of magnitude off
     ax.set_xlabel("compression ratio (cache bytes, dense / method)")
     ax.set_ylabel("perplexity, decoded through the cache")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -99,6 +150,8 @@ def plot_passkey(rows: list[dict], path: str) -> None:
 
 def write_all(out_dir: str, rows: list[dict], mc_tasks) -> dict:
     table = markdown_table(rows, mc_tasks)
+    table += ("\nPer method and nominal CR: perplexity decoded through the cache / passkey accuracy / cache MB per "
+              "sequence\n\n" + summary_table(rows) + "\n" + winners(rows))
     with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
         f.write(table)
     plot_ppl(rows, os.path.join(out_dir, "ppl_vs_cr.png"))

@@ -17,7 +17,7 @@ from dmc_jax.model.llama import unstack_layers
 TINY = "tiny"  # model.source of a random tiny model (tests, smoke runs)
 
 
-def load_model(config: ml_collections.ConfigDict, layout: str = "inference"):
+def load_model(config: ml_collections.ConfigDict, layout: str = "inference", require_tokenizer: bool = True):
     """The model of config.model with the config's dtypes and max_seq_len applied, params on the device.
 
     layout 'inference' gives per-layer weight buffers (llama.unstack_layers: faster prefill and decode);
@@ -26,7 +26,8 @@ def load_model(config: ml_collections.ConfigDict, layout: str = "inference"):
     """
     from dmc_jax.weights import load_model as load_weights
 
-    loaded = tiny_model(config.get("seed", 0)) if config.model.source == TINY else load_weights(config.model.source)
+    loaded = (tiny_model(config.get("seed", 0)) if config.model.source == TINY
+              else load_weights(config.model.source, require_tokenizer))
     cfg = loaded.cfg
     max_len = config.model.max_seq_len or cfg.max_seq_len
     if max_len > cfg.max_seq_len:

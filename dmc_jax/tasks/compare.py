@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
 
 from dmc_jax.cache.dense import DenseCache
-from dmc_jax.cache.registry import make_method
+from dmc_jax.cache.registry import DMC_METHODS, make_method
+
+ADAPTIVE = ("corm",)  # methods without a budget: the rule alone sets the CR
 from dmc_jax.errors import UserError
 from dmc_jax.evaluation import bigbench, compare_report
 from dmc_jax.evaluation.compare_options import validate
@@ -44,9 +47,14 @@ def _rows_of(ids: np.ndarray, n: int, length: int) -> np.ndarray:
     return np.stack([ids[s:s + length] for s in starts])
 
 
-def _method_factory(config, name: str, ratio):
-    """length -> cache method with budget = ceil(length / ratio) (dense: no budget)."""
+def _method_factory(config, name: str, ratio, dmc=None):
+    """length -> cache method: budget = ceil(length / ratio) for eviction methods; dense has none; DMC caches
+    (dmc, dmc_paged) are sized by the CR their model was trained for (cache.target_cr x cache.margin)."""
     def make(length: int):
+        if name in DMC_METHODS:
+            section = _cache_section(config, name, None)
+            section.target_cr = float(dmc.target_cr)
+            return make_method(section, dmc)
         if name == "dense" or ratio is None:
             return make_method(_cache_section(config, name, None))
         return make_method(_cache_section(config, name, max(1, math.ceil(length / ratio))))
@@ -61,28 +69,33 @@ def _cache_section(config, name, budget):
     return c
 
 
-def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, data) -> dict:
+def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, data, dmc=None) -> dict:
     c = config.compare
-    make = _method_factory(config, method_name, ratio)
+    make = _method_factory(config, method_name, ratio, dmc)
     if wrap is not None:
         base_make = make
         make = lambda length: wrap(base_make(length))
-    row = {"model": label, "method": method_name, "ratio": ratio}
+    row = {"model": label, "method": method_name, "ratio": ratio, "key": row_key((label, method_name, ratio))}
     try:
         method = make(c.context)
     except UserError as e:
         return row | {"skipped": str(e)}
-    row["budget"] = None if ratio is None or method_name == "dense" else math.ceil(c.context / ratio)
+    row["budget"] = (None if ratio is None or method_name == "dense" or method_name in DMC_METHODS
+                     else math.ceil(c.context / ratio))
     if row["budget"] is not None and row["budget"] < c.min_budget:
         return row | {"skipped": f"budget {row['budget']} < compare.min_budget"}
     start = time.perf_counter()
     print(f"[compare] {label} {method_name} CR {ratio}", flush=True)
     if "ppl" in c.evals:
-        res = decode_perplexity(params, data["ppl_rows"], method, cfg, c.prefix, c.batch)
-        row.update(ppl=res.perplexity, logical_cr=res.compression_ratio, bytes_per_seq=res.bytes_allocated_per_sequence,
-                   tokens_scored=res.tokens_scored)
-        print(f"  perplexity {res.perplexity:.3f}, CR {res.compression_ratio:.2f}, "
-              f"{res.bytes_allocated_per_sequence / 2**20:.2f} MB/seq ({res.seconds:.0f} s)", flush=True)
+        try:
+            res = decode_perplexity(params, data["ppl_rows"], method, cfg, c.prefix, c.batch)
+            row.update(ppl=res.perplexity, logical_cr=res.compression_ratio,
+                       bytes_per_seq=res.bytes_allocated_per_sequence, tokens_scored=res.tokens_scored)
+            print(f"  perplexity {res.perplexity:.3f}, CR {res.compression_ratio:.2f}, "
+                  f"{res.bytes_allocated_per_sequence / 2**20:.2f} MB/seq ({res.seconds:.0f} s)", flush=True)
+        except UserError as e:  # e.g. a DMC cache that overflowed: recorded in the row, the grid goes on
+            row["ppl_skipped"] = str(e)
+            print(f"  perplexity not measured: {e}", flush=True)
     if "passkey" in c.evals:
         try:
             cells = run_passkey(params, cfg, tokenizer, data["filler"], make, c.passkey_lengths, c.passkey_depths,
@@ -130,15 +143,23 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     tok = model.tokenizer
     if tok is None:
         raise UserError(f"model {model.source} has no tokenizer; compare needs one")
+    _check_extra_models(config)  # before hours of rows, not after
     data = _data(config, tok)
-    rows = Rows(config.output_dir, list(c.mc_tasks) if "mc" in c.evals else [])
-    rows.append(_evaluate(config, "base", model.params, model.cfg, tok, "dense", 1, None, data))
+    rows = Rows(config.output_dir, list(c.mc_tasks) if "mc" in c.evals else [], measure_settings(config),
+                previous_rows(config) if c.resume else {})
+    base = lambda name, ratio: rows.add(("base", name, ratio), lambda: _evaluate(
+        config, "base", model.params, model.cfg, tok, name, ratio, None, data))
+    base("dense", 1.0)
     for name in c.methods:
-        if name != "dense":
+        if name in ADAPTIVE:  # no budget: one row at the CR the rule reaches
+            base(name, None)
+        elif name != "dense":
             for r in c.ratios:
-                rows.append(_evaluate(config, "base", model.params, model.cfg, tok, name, float(r), None, data))
+                base(name, float(r))
     grams = None
     for spec in c.kv_heads:
+        if rows.reuse((f"kv {spec}", "dense", None)):
+            continue
         kv_method, rope = spec.split(":")
         if kv_method == "svd_a" and grams is None:
             kh = config.kv_heads
@@ -154,40 +175,140 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         row = _evaluate(config, f"kv {spec}", params, conv.cfg, tok, "dense", None, conv.wrap, data)
         row["description"] = conv.description
         row["ratio"] = model.cfg.num_kv_heads * model.cfg.head_dim / (conv.cfg.num_kv_heads * conv.cfg.head_dim)
-        rows.append(row)
-    for spec in c.extra_models:  # the hook for DMC-retrofitted checkpoints (or any other model + method)
-        from dmc_jax.tasks.common import load_model
-
-        label, source, method = spec.split("|")
-        extra_config = ml_collections.ConfigDict(config.to_dict())
-        extra_config.model.source = source
-        extra = load_model(extra_config)
-        rows += [_evaluate(config, label, extra.params, extra.cfg, tok, method, float(r), None, data)
-                 for r in (c.ratios if method != "dense" else (1,))]
+        rows.add((f"kv {spec}", "dense", None), lambda: row)
+    for spec in c.extra_models:  # e.g. DMC-retrofitted models (task retrofit writes <run>/dmc/model)
+        _extra_model_rows(config, spec, model.cfg, tok, data, rows)
     out = rows.write()
     print(open(out["table"]).read())
     return {"rows": list(rows), **out}
 
 
-class Rows(list):
-    """The rows so far; the table is rewritten after each one so a long run shows partial results."""
+def _check_extra_models(config) -> None:
+    from dmc_jax.cache.registry import METHODS
+    from dmc_jax.weights.load import resolve
 
-    def __init__(self, out_dir: str, mc_tasks):
+    for spec in config.compare.extra_models:
+        label, source, method = spec.split("|")
+        if method not in (*METHODS, *DMC_METHODS):
+            raise UserError(f"compare.extra_models {label!r}: cache method {method!r} is not one of "
+                            f"{', '.join((*METHODS, *DMC_METHODS))}")
+        if source != "tiny":
+            resolve(source)
+
+
+def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: "Rows") -> None:
+    """Rows of compare.extra_models entry 'label|model source|cache method'. A DMC cache gives one row at the CR its
+    model was trained for (dmc_config.json in the model directory); other methods one row per compare.ratios."""
+    from dmc_jax.dmc.export import section_for
+    from dmc_jax.tasks.common import load_model
+
+    label, source, method = spec.split("|")
+    dmc = None
+    if method in DMC_METHODS:
+        dmc = section_for(source)
+        if dmc is None:
+            dmc = config.get("dmc")
+        if dmc is None:
+            raise UserError(f"compare.extra_models {label!r}: {source} has no dmc_config.json and the config no dmc "
+                            f"section; a DMC cache needs the hyper-parameters the model was trained with")
+        ratios = (float(dmc.target_cr),)
+    else:
+        ratios = tuple(float(r) for r in config.compare.ratios) if method not in ("dense", *ADAPTIVE) else (
+            1.0 if method == "dense" else None,)
+    keys = [(label, method, r) for r in ratios]
+    if all(rows.reuse(k) for k in keys):
+        return
+    extra_config = ml_collections.ConfigDict(config.to_dict())
+    extra_config.model.source = source
+    extra = load_model(extra_config, require_tokenizer=False)  # scored with the base model's tokenizer
+    if extra.cfg.vocab_size != base_cfg.vocab_size:
+        raise UserError(f"compare.extra_models {label!r}: {source} has a vocabulary of {extra.cfg.vocab_size} tokens, "
+                        f"the base model {base_cfg.vocab_size}; compare models that share the base tokenizer")
+    for key, r in zip(keys, ratios):
+        rows.add(key, lambda: {**_evaluate(config, label, extra.params, extra.cfg, tok, method, r, None, data,
+                                           dmc=dmc), "source": source})
+
+
+def row_key(key: tuple) -> str:
+    """'model|method|nominal CR' (CR '-' when none: adaptive methods, KV-head conversions)."""
+    label, method, ratio = key
+    return f"{label}|{method}|{'-' if ratio is None else format(float(ratio), 'g')}"
+
+
+ROWS_FILE = "rows.json"
+# Settings that change what a row measures: a resumed run reuses rows only if these are unchanged.
+MEASURE_FIELDS = ("evals", "text_files", "context", "prefix", "ppl_sequences", "passkey_lengths", "passkey_depths",
+                  "passkey_trials", "mc_tasks", "mc_items", "mc_context", "min_budget")
+
+
+def measure_settings(config) -> dict:
+    """Everything that changes what a row measures (JSON-normalised)."""
+    import json
+
+    want = {"compare": {k: config.compare[k] for k in MEASURE_FIELDS}, "cache": config.cache.to_dict(),
+            "kv_heads": config.kv_heads.to_dict(), "model": config.model.to_dict(), "seed": config.seed}
+    return json.loads(json.dumps(want, default=list))
+
+
+def previous_rows(config) -> dict:
+    """{row key: row} of <output_dir>/rows.json (written after every row) when it was measured with the same
+    settings, else {}."""
+    import json
+    import os
+
+    path = os.path.join(config.output_dir, ROWS_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        old = json.load(open(path))
+    except (OSError, json.JSONDecodeError):
+        print(f"[compare] {path} is unreadable; measuring every row again (it will be replaced)", flush=True)
+        return {}
+    if old.get("settings") != measure_settings(config):
+        print(f"[compare] {path} was measured with other settings; measuring every row again", flush=True)
+        return {}
+    return {r["key"]: r for r in old.get("rows", []) if r.get("key") and not r.get("ppl_skipped")}
+
+
+class Rows(list):
+    """The rows so far; the table is rewritten after each one so a long run shows partial results. With rows of an
+    earlier run with the same settings (compare.resume), a row already measured is taken from there."""
+
+    def __init__(self, out_dir: str, mc_tasks, settings: dict, previous: Optional[dict] = None):
         super().__init__()
-        self.out_dir, self.mc_tasks = out_dir, mc_tasks
+        self.out_dir, self.mc_tasks, self.settings, self.previous = out_dir, mc_tasks, settings, previous or {}
 
     def write(self) -> dict:
+        import json
+        import os
+
+        from dmc_jax.tasks.common import _plain
+
         dense_bytes = self[0].get("bytes_per_seq") if self else None
         for r in self:
             if r.get("bytes_per_seq") and dense_bytes:
                 r["bytes_cr"] = dense_bytes / r["bytes_per_seq"]
+        path = os.path.join(self.out_dir, ROWS_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"settings": self.settings, "rows": _plain(list(self))}, f, indent=1)
+        os.replace(path + ".tmp", path)
         return compare_report.write_all(self.out_dir, list(self), self.mc_tasks)
+
+    def reuse(self, key: tuple) -> bool:
+        """Appends the earlier run's row for key, if there is one."""
+        row = self.previous.get(row_key(key))
+        if row is None:
+            return False
+        print(f"[compare] {row_key(key)}: measured in the earlier run, reused", flush=True)
+        self.append(row)
+        return True
+
+    def add(self, key: tuple, measure) -> None:
+        if not self.reuse(key):
+            row = measure()
+            row["key"] = row_key(key)
+            self.append(row)
 
     def append(self, row) -> None:
         super().append(row)
         self.write()
-
-    def __iadd__(self, rows):
-        for row in rows:
-            self.append(row)
-        return self

@@ -17,16 +17,10 @@ from __future__ import annotations
 import os
 import time
 
+from dmc_jax.dmc.export import tokenizer_files
 from dmc_jax.errors import UserError
 from dmc_jax.kv_heads import convert as kvc
 from dmc_jax.kv_heads.options import validate
-
-
-def _tokenizer_files(tokenizer) -> dict:
-    files = getattr(tokenizer, "to_files", None)
-    if callable(files):
-        return files()
-    return {}
 
 
 def run(config, model) -> dict:
@@ -41,7 +35,7 @@ def run(config, model) -> dict:
     out = c.output or os.path.join(config.output_dir, "model")
     from dmc_jax.weights.hf_io import save_hf_dir
 
-    save_hf_dir(out, conv.cfg, conv.params, tokenizer_files=_tokenizer_files(model.tokenizer), overwrite=True)
+    save_hf_dir(out, conv.cfg, conv.params, tokenizer_files=tokenizer_files(model.tokenizer), overwrite=True)
     print(f"{conv.description}: {model.cfg.num_kv_heads} -> {conv.cfg.num_kv_heads} KV heads "
           f"(cache {model.cfg.num_kv_heads * model.cfg.head_dim / (conv.cfg.num_kv_heads * conv.cfg.head_dim):.1f}x "
           f"smaller) written to {out} ({seconds:.0f} s)")

@@ -5,6 +5,8 @@
     3. the vanilla control: the same recipe and tokens with every decision 'append' -> <run>/control
     4. held-out perplexity and achieved compression (hard decisions, exactly what the DMC cache keeps) of both,
        a generation through the real DMC cache with its bytes, report.md, cr_heatmap.png, results.json
+    5. the DMC model as a Hugging Face directory with its dmc_config.json                -> <run>/dmc/model
+       (serve or evaluate it: model.source=<run>/dmc/model cache.method=dmc_paged; task compare's extra_models)
 
 Each training run resumes from its checkpoints when the task is run again with the same output_dir.
 """
@@ -22,6 +24,7 @@ import numpy as np
 from dmc_jax.cache.dmc_padded import DMCPaddedCache
 from dmc_jax.cache.protocol import state_bytes
 from dmc_jax.cache.dense import DenseCache
+from dmc_jax.dmc import export as dmc_export
 from dmc_jax.dmc.attention import DMCAttention
 from dmc_jax.dmc.objective import dmc_config
 from dmc_jax.dmc.surgery import FadedChannelAttention
@@ -32,8 +35,6 @@ from dmc_jax.inference.generate import GenerateConfig, generate
 from dmc_jax.model import llama
 from dmc_jax.tasks import train as train_task
 from dmc_jax.tasks.evaluate import default_text_files
-from dmc_jax.training import loop
-from dmc_jax.training.checkpoint import Checkpointer
 from dmc_jax.training.objective import make_objective
 
 
@@ -55,11 +56,8 @@ def _train(sub, model, host_params):
     summary = train_task.run(sub, run_model)
     summary["wall_seconds_this_call"] = time.perf_counter() - start
     summary["training_seconds"] = _training_seconds(summary["run_dir"])
-    objective = make_objective("dmc", sub, model.cfg)
-    s = loop.setup(sub, model.cfg, host_params, objective)
-    with Checkpointer(summary["checkpoint_dir"], sub.checkpoint.max_to_keep, False) as ck:
-        state = ck.restore_state(summary["last_checkpoint"], s.abstract_state(host_params))
-    return state["params"], summary
+    params = train_task.final_params(sub, model.cfg, host_params, make_objective("dmc", sub, model.cfg), summary)
+    return params, summary
 
 
 def _training_seconds(run_dir: str) -> float:
@@ -129,6 +127,10 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         row.update(train=summary, tokens_trained=config.train.steps * config.data.batch_size * config.data.seq_len)
         if not control:
             row["generation"] = _generate_sample(params, model, config)
+            sub = _subrun(config, name, control)
+            row["model_dir"] = dmc_export.save(os.path.join(sub.output_dir, "model"), model.cfg,
+                                               jax.device_get(params), model.tokenizer, sub.dmc)
+            print(f"{name}: model written to {row['model_dir']}")
         results[name] = row
         print(f"{name}: perplexity {row['perplexity']:.3f}, compression ratio {row['compression_ratio']:.2f} "
               f"({summary['training_seconds']:.0f} s of training steps)")

@@ -2,6 +2,8 @@
 
 Prepares the corpus first if needed (idempotent), then runs dmc_jax.training.loop.train in <output_dir>:
 metrics.jsonl, tensorboard/, checkpoints/. Run again with the same output_dir to resume from the last checkpoint.
+With train.export_dir set, the final parameters are also written there as a Hugging Face directory (with
+dmc_config.json for the DMC objective), which every task loads as model.source (e.g. an up-trained GQA model).
 """
 
 from __future__ import annotations
@@ -36,4 +38,37 @@ def run(config, model) -> dict:
         eval_dataset = pipeline.make_eval_dataset(config.data, tokenizer)  # fails now, not mid-run, if missing
         eval_data = lambda: iter(eval_dataset)
     data = TrainData(train=pipeline.make_iterator(config.data, tokenizer), eval=eval_data)
-    return train(config, model, objective, data)
+    export_dir = config.train.get("export_dir", "")
+    if export_dir and jax.process_count() > 1:
+        raise UserError("train.export_dir gathers the weights in one process; run without it on several processes "
+                        "(the orbax checkpoint holds the result)")
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model.params)
+    summary = train(config, model, objective, data)  # consumes model.params
+    if export_dir:
+        params = final_params(config, model.cfg, shapes, objective, summary)
+        summary["export_dir"] = export(config, model, jax.device_get(params), export_dir)
+        print(f"final parameters written to {summary['export_dir']}")
+    return summary
+
+
+def final_params(config, cfg, shapes, objective, summary):
+    """The parameters of the run's last checkpoint (where loop.train leaves the result)."""
+    from dmc_jax.training import loop
+    from dmc_jax.training.checkpoint import Checkpointer
+
+    s = loop.setup(config, cfg, shapes, objective)
+    with Checkpointer(summary["checkpoint_dir"], config.checkpoint.max_to_keep, False) as ck:
+        state = ck.restore_state(summary["last_checkpoint"], s.abstract_state(shapes))
+    return state["params"]
+
+
+def export(config, model, host_params, path: str) -> str:
+    """A Hugging Face directory of host_params with the model's tokenizer (and dmc_config.json for DMC)."""
+    from dmc_jax.dmc import export as dmc_export
+    from dmc_jax.weights.hf_io import save_hf_dir
+
+    if config.train.objective == "dmc":
+        return dmc_export.save(path, model.cfg, host_params, model.tokenizer, config.dmc)
+    save_hf_dir(path, model.cfg, host_params, tokenizer_files=dmc_export.tokenizer_files(model.tokenizer),
+                overwrite=True)
+    return path

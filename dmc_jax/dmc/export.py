@@ -1,0 +1,62 @@
+"""A DMC-retrofitted model as a Hugging Face directory plus `dmc_config.json` (its DMC hyper-parameters).
+
+The weights are an ordinary Llama checkpoint (the decision and importance channels are columns of W_k / W_q), so
+transformers loads them; what it cannot know is how the DMC cache reads them (window, channel, offset, the target
+CR it was trained for). That lives in dmc_config.json next to config.json, and every task that builds a DMC cache
+for model.source=<dir> takes it from there (`section_for`), so a model is never served with hyper-parameters it was
+not trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import ml_collections
+
+from dmc_jax.errors import UserError
+
+DMC_FILE = "dmc_config.json"
+
+
+def tokenizer_files(tokenizer) -> dict:
+    """{file name: content} of a tokenizer that can write itself (tokenizer.json), else {}."""
+    files = getattr(tokenizer, "to_files", None)
+    return files() if callable(files) else {}
+
+
+def save(path: str, cfg, params, tokenizer, dmc_section: ml_collections.ConfigDict, overwrite: bool = True) -> str:
+    """Writes the HF directory (atomically, with the tokenizer and dmc_config.json); returns its path."""
+    from dmc_jax.weights.hf_io import save_hf_dir
+
+    files = tokenizer_files(tokenizer) | {DMC_FILE: json.dumps(dmc_section.to_dict(), indent=2, sort_keys=True)}
+    save_hf_dir(path, cfg, params, tokenizer_files=files, overwrite=overwrite)
+    return path
+
+
+def section_for(source: str) -> Optional[ml_collections.ConfigDict]:
+    """The `dmc` section saved with the model at `source` (a directory), or None if it has none."""
+    path = os.path.join(os.path.expanduser(source), DMC_FILE) if isinstance(source, str) else ""
+    if not path or not os.path.isfile(path):
+        return None
+    from dmc_jax.dmc.objective import default_config
+
+    try:
+        saved = json.load(open(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-export the model with task=retrofit") from None
+    section = default_config()
+    unknown = sorted(set(saved) - set(section))
+    if unknown:
+        raise UserError(f"{path} has fields this version does not know ({', '.join(unknown)}); "
+                        f"upgrade dmc_jax or remove them")
+    section.update(saved)
+    return section
+
+
+def dmc_section(config: ml_collections.ConfigDict) -> Optional[ml_collections.ConfigDict]:
+    """The DMC hyper-parameters for config.model: the model directory's dmc_config.json when it has one (the model
+    was trained with them), else the config's `dmc` section, else None (the reference defaults)."""
+    saved = section_for(config.model.source) if "model" in config else None
+    return saved if saved is not None else config.get("dmc")
