@@ -84,16 +84,24 @@ def test_a_dmc_model_directory_joins_the_comparison_with_its_own_dmc_hyperparame
     assert export.section_for(model_dir).to_dict() == section.to_dict()
     assert export.section_for(str(tmp_path)) is None
 
+    # and an ordinary model with fewer KV heads (e.g. an up-trained GQA model) with the dense cache
+    gqa_cfg = cfg.replace(num_kv_heads=1)
+    gqa_dir = str(tmp_path / "gqa_model")
+    from dmc_jax.weights.hf_io import save_hf_dir
+    save_hf_dir(gqa_dir, gqa_cfg, jax.tree.map(np.asarray, init_params(gqa_cfg, jax.random.PRNGKey(4))))
+
     out = tmp_path / "run"
     argv = ["--config", CONFIG, "--config.task=compare", "--config.model.source=tiny", "--config.model.max_seq_len=0",
             f"--config.output_dir={out}", "--config.compare.context=64", "--config.compare.prefix=8",
             "--config.compare.ppl_sequences=2", "--config.compare.batch=2", "--config.compare.ratios=(4,)",
             "--config.compare.methods=('dense',)", "--config.compare.kv_heads=()", "--config.compare.evals=('ppl',)",
-            f"--config.compare.extra_models=('dmc|{model_dir}|dmc_paged',)", "--config.cache.page_size=16",
-            "--config.cache.margin=1.0"]
+            f"--config.compare.extra_models=('dmc|{model_dir}|dmc_paged','gqa|{gqa_dir}|dense')",
+            "--config.cache.page_size=16", "--config.cache.margin=1.0"]
     assert main(argv) == 0
     rows = json.loads((out / "results.json").read_text())["results"]["rows"]
-    assert [(r["model"], r["method"], r["ratio"]) for r in rows] == [("base", "dense", 1), ("dmc", "dmc_paged", 3.0)]
+    assert [(r["model"], r["method"], r["ratio"]) for r in rows] == [
+        ("base", "dense", 1), ("dmc", "dmc_paged", 3.0), ("gqa", "dense", cfg.num_kv_heads / 1)]
+    assert abs(rows[2]["bytes_cr"] - cfg.num_kv_heads) < 1e-6
     assert rows[1]["budget"] is None and np.isfinite(rows[1]["ppl"])
     assert rows[1]["logical_cr"] > 2.0 and rows[1]["bytes_cr"] > 1.5  # the pool is sized by target_cr 3
 

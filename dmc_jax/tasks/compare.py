@@ -1,13 +1,19 @@
 """Task `compare`: every method x compression ratio through the same decode loop and the same evaluations.
 
 Rows: the base model with the dense cache (CR 1) and with each eviction method at each ratio (budget =
-context / CR); the base model converted to fewer KV heads (compare.kv_heads, with the dense cache); and any
-compare.extra_models (e.g. a DMC-retrofitted checkpoint with its cache method: the hook for DMC rows). For each:
+context / CR; CORM adaptive has no budget: one row at the CR its rule reaches); the base model converted to
+fewer KV heads (compare.kv_heads, with the dense cache); and compare.extra_models 'label|source|cache method':
+other models with a cache method, e.g. 'dmc|runs/r/dmc/model|dmc_paged' (task retrofit writes that directory
+with its dmc_config.json: one row at the CR the model was trained for, the pool sized by it) or an up-trained
+GQA model 'gqa|runs/g/uptrained|dense' (task train with train.export_dir). For each row:
     (a) perplexity of held-out text DECODED through the cache (dmc_jax.evaluation.decode_perplexity)
     (b) passkey retrieval by context length x depth (budget = length / CR)
     (c) multiple-choice accuracy on local BIG-bench tasks (budget = mc_context / CR)
     (d) cache bytes allocated per sequence (at compare.context tokens) and the bytes CR vs the dense cache
-Writes compare.md, ppl_vs_cr.png and passkey.png in the run directory; results.json holds every row.
+Writes compare.md (every row, then a method x CR summary and the winner at each CR), ppl_vs_cr.png, passkey.png
+and rows.json (after every row) in the run directory; results.json holds every row at the end. Running again with
+the same output_dir reuses the rows measured with the same settings (compare.resume): an interrupted grid goes
+on where it stopped, and a grid can grow by methods, ratios or models.
 
 Cost (SmolLM2-135M, fp32, 2-core CPU): compilation dominates. Each row compiles one decode scan per shape
 (perplexity, each passkey length, multiple choice), 30-90 s each, and decodes at ~50 tokens/s at batch 4
@@ -212,9 +218,10 @@ def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: "Rows") -> N
             raise UserError(f"compare.extra_models {label!r}: {source} has no dmc_config.json and the config no dmc "
                             f"section; a DMC cache needs the hyper-parameters the model was trained with")
         ratios = (float(dmc.target_cr),)
+    elif method in ("dense", *ADAPTIVE):
+        ratios = (None,)  # dense: the CR of its KV heads against the base model's, set below
     else:
-        ratios = tuple(float(r) for r in config.compare.ratios) if method not in ("dense", *ADAPTIVE) else (
-            1.0 if method == "dense" else None,)
+        ratios = tuple(float(r) for r in config.compare.ratios)
     keys = [(label, method, r) for r in ratios]
     if all(rows.reuse(k) for k in keys):
         return
@@ -224,9 +231,14 @@ def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: "Rows") -> N
     if extra.cfg.vocab_size != base_cfg.vocab_size:
         raise UserError(f"compare.extra_models {label!r}: {source} has a vocabulary of {extra.cfg.vocab_size} tokens, "
                         f"the base model {base_cfg.vocab_size}; compare models that share the base tokenizer")
+    kv_cr = base_cfg.num_kv_heads * base_cfg.head_dim / (extra.cfg.num_kv_heads * extra.cfg.head_dim)
     for key, r in zip(keys, ratios):
-        rows.add(key, lambda: {**_evaluate(config, label, extra.params, extra.cfg, tok, method, r, None, data,
-                                           dmc=dmc), "source": source})
+        def measure():
+            row = _evaluate(config, label, extra.params, extra.cfg, tok, method, r, None, data, dmc=dmc)
+            if method == "dense":
+                row["ratio"] = kv_cr
+            return {**row, "source": source}
+        rows.add(key, measure)
 
 
 def row_key(key: tuple) -> str:
