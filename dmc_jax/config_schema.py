@@ -47,8 +47,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "cache" in config:
         _one_of("cache.method", config.cache.method, CACHE_METHODS)
         from dmc_jax.cache.registry import make_method  # each method checks the ranges of its own fields
-        from dmc_jax.dmc.export import dmc_section
-        make_method(config.cache, dmc_section(config))
+        from dmc_jax.dmc.export import method_sections
+        make_method(*method_sections(config))
     if config.task in ("generate", "demo", "retrofit"):
         _sections(config, ("generate",) if config.task == "retrofit" else ("generate", "cache"))
         g = config.generate

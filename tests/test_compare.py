@@ -83,6 +83,16 @@ def test_a_dmc_model_directory_joins_the_comparison_with_its_own_dmc_hyperparame
     export.save(model_dir, cfg, jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(3))), tok, section)
     assert export.section_for(model_dir).to_dict() == section.to_dict()
     assert export.section_for(str(tmp_path)) is None
+    # generate / bench / validation build their cache from the same file, sized for the trained CR when unset
+    from dmc_jax.config_loader import load_config_file
+    from dmc_jax.cache.registry import make_method
+    config = load_config_file(CONFIG)
+    config.model.source, config.cache.method = model_dir, "dmc_paged"
+    cache, dmc = export.method_sections(config)
+    assert cache.target_cr == 3.0 and dmc.decision_offset == -6.0 and config.cache.target_cr == 0.0
+    assert make_method(cache, dmc).target_cr == 3.0
+    config.cache.target_cr = 5.0  # an explicit size wins
+    assert export.method_sections(config)[0].target_cr == 5.0
 
     # and an ordinary model with fewer KV heads (e.g. an up-trained GQA model) with the dense cache
     gqa_cfg = cfg.replace(num_kv_heads=1)

@@ -55,8 +55,12 @@ def section_for(source: str) -> Optional[ml_collections.ConfigDict]:
     return section
 
 
-def dmc_section(config: ml_collections.ConfigDict) -> Optional[ml_collections.ConfigDict]:
-    """The DMC hyper-parameters for config.model: the model directory's dmc_config.json when it has one (the model
-    was trained with them), else the config's `dmc` section, else None (the reference defaults)."""
+def method_sections(config: ml_collections.ConfigDict) -> tuple:
+    """(cache section, dmc section) for cache.registry.make_method. A model directory's dmc_config.json also sizes a
+    DMC cache left unsized (cache.target_cr 0) for the CR the model was trained for."""
     saved = section_for(config.model.source) if "model" in config else None
-    return saved if saved is not None else config.get("dmc")
+    cache = config.cache
+    if saved is not None and cache.method.startswith("dmc") and not cache.get("target_cr", 0.0):
+        cache = ml_collections.ConfigDict(cache.to_dict())
+        cache.target_cr = float(saved.target_cr)
+    return cache, (saved if saved is not None else config.get("dmc"))

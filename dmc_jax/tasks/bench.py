@@ -16,7 +16,7 @@ import numpy as np
 
 from dmc_jax.cache.protocol import state_bytes
 from dmc_jax.cache.registry import make_method
-from dmc_jax.dmc.export import dmc_section
+from dmc_jax.dmc.export import method_sections
 from dmc_jax.inference.generate import GenerateConfig, decode_loop, prefill_and_sample
 
 
@@ -40,7 +40,7 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def run(config: ml_collections.ConfigDict, model) -> dict:
     b, cfg, params = config.bench, model.cfg, model.params
-    method = make_method(config.cache, dmc_section(config))
+    method = make_method(*method_sections(config))
     text = "The quick brown fox jumps over the lazy dog. " * 200
     ids = model.tokenizer.encode(text)
     param_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
