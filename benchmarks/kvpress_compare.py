@@ -108,6 +108,18 @@ def cache_config(fields, budget):
     return c
 
 
+def method_pair(name, ratio, fields, budget, extra):
+    """(our method with `budget` slots, the same method with `extra` more: the buffer decoding grows into), or None
+    where the method refuses the budget (e.g. SnapKV's window)."""
+    from dmc_jax.cache.registry import make_method
+
+    try:
+        return make_method(cache_config(fields, budget)), make_method(cache_config(fields, budget + extra))
+    except Exception as e:
+        print(f"{name} CR {ratio}: skipped ({e})")
+        return None
+
+
 def run_ours(args) -> None:
     import functools
 
@@ -116,7 +128,6 @@ def run_ours(args) -> None:
     import numpy as np
 
     from dmc_jax.cache.dense import DenseCache
-    from dmc_jax.cache.registry import make_method
     from dmc_jax.model import llama
     from dmc_jax.weights import load_model
 
@@ -163,13 +174,10 @@ def run_ours(args) -> None:
         if args.methods and name not in args.methods:
             continue
         for r in args.ratios:
-            budget = math.ceil(C / r)
-            try:
-                method = make_method(cache_config(fields, budget))
-                grown = make_method(cache_config(fields, budget + M))
-            except Exception as e:  # a budget the method refuses (e.g. SnapKV's window)
-                print(f"{name} CR {r}: skipped ({e})")
+            pair = method_pair(name, r, fields, math.ceil(C / r), M)
+            if pair is None:
                 continue
+            method, grown = pair
             ppl = math.exp(float(nll(params, tokens, method, grown)))
             results["ours"][f"{name}@{r}"] = ppl
             print(f"{name} CR {r}: {ppl:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -344,7 +352,6 @@ def run_passkey_ours(args) -> None:
     import jax.numpy as jnp
 
     from dmc_jax.cache.dense import DenseCache
-    from dmc_jax.cache.registry import make_method
     from dmc_jax.model import llama
     from dmc_jax.weights import load_model, load_tokenizer
 
@@ -390,14 +397,9 @@ def run_passkey_ours(args) -> None:
         for r in args.ratios:
             if f"{name}@{r}" in results["ours"]:
                 continue
-            budget = math.ceil(T / r)
-            try:
-                method = make_method(cache_config(fields, budget))
-                grown = make_method(cache_config(fields, budget + N))
-            except Exception as e:  # a budget the method refuses (e.g. SnapKV's window)
-                print(f"{name} CR {r}: skipped ({e})")
-                continue
-            run(f"{name}@{r}", method, grown)
+            pair = method_pair(name, r, fields, math.ceil(T / r), N)
+            if pair is not None:
+                run(f"{name}@{r}", *pair)
 
 
 def run_passkey_kvpress(args) -> None:
