@@ -20,17 +20,11 @@ from dmc_jax.errors import UserError
 DMC_FILE = "dmc_config.json"
 
 
-def tokenizer_files(tokenizer) -> dict:
-    """{file name: content} of a tokenizer that can write itself (tokenizer.json), else {}."""
-    files = getattr(tokenizer, "to_files", None)
-    return files() if callable(files) else {}
-
-
 def save(path: str, cfg, params, tokenizer, dmc_section: ml_collections.ConfigDict, overwrite: bool = True) -> str:
     """Writes the HF directory (atomically, with the tokenizer and dmc_config.json); returns its path."""
-    from dmc_jax.weights.hf_io import save_hf_dir
+    from dmc_jax.weights.hf_io import save_hf_dir, tokenizer_files_of
 
-    files = tokenizer_files(tokenizer) | {DMC_FILE: json.dumps(dmc_section.to_dict(), indent=2, sort_keys=True)}
+    files = tokenizer_files_of(tokenizer) | {DMC_FILE: json.dumps(dmc_section.to_dict(), indent=2, sort_keys=True)}
     save_hf_dir(path, cfg, params, tokenizer_files=files, overwrite=overwrite)
     return path
 

@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mc_context = 256
     c.mc_cache_dir = "data_cache/bigbench"
     c.min_budget = 16             # budgets below this are not run
-    c.resume = True               # reuse the rows of <output_dir>/results.json measured with the same settings
+    c.resume = True               # reuse the rows of <output_dir>/rows.json measured with the same settings
     return c
 
 

@@ -34,8 +34,6 @@ import numpy as np
 
 from dmc_jax.cache.dense import DenseCache
 from dmc_jax.cache.registry import DMC_METHODS, make_method
-
-ADAPTIVE = ("corm",)  # methods without a budget: the rule alone sets the CR
 from dmc_jax.errors import UserError
 from dmc_jax.evaluation import bigbench, compare_report
 from dmc_jax.evaluation.compare_options import validate
@@ -43,6 +41,8 @@ from dmc_jax.evaluation.decode_perplexity import decode_perplexity
 from dmc_jax.evaluation.passkey import run_passkey
 from dmc_jax.evaluation.text_files import read_text
 from dmc_jax.model.llama import unstack_layers
+
+ADAPTIVE = ("corm",)  # methods without a budget: the rule alone sets the CR
 
 
 def _rows_of(ids: np.ndarray, n: int, length: int) -> np.ndarray:
@@ -205,15 +205,15 @@ def _check_extra_models(config) -> None:
 def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: "Rows") -> None:
     """Rows of compare.extra_models entry 'label|model source|cache method'. A DMC cache gives one row at the CR its
     model was trained for (dmc_config.json in the model directory); other methods one row per compare.ratios."""
-    from dmc_jax.dmc.export import section_for
+    from dmc_jax.dmc.export import method_sections
     from dmc_jax.tasks.common import load_model
 
     label, source, method = spec.split("|")
+    extra_config = ml_collections.ConfigDict(config.to_dict())
+    extra_config.model.source = source
     dmc = None
     if method in DMC_METHODS:
-        dmc = section_for(source)
-        if dmc is None:
-            dmc = config.get("dmc")
+        dmc = method_sections(extra_config)[1]  # the model directory's dmc_config.json, else the config's section
         if dmc is None:
             raise UserError(f"compare.extra_models {label!r}: {source} has no dmc_config.json and the config no dmc "
                             f"section; a DMC cache needs the hyper-parameters the model was trained with")
@@ -225,8 +225,6 @@ def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: "Rows") -> N
     keys = [(label, method, r) for r in ratios]
     if all(rows.reuse(k) for k in keys):
         return
-    extra_config = ml_collections.ConfigDict(config.to_dict())
-    extra_config.model.source = source
     extra = load_model(extra_config, require_tokenizer=False)  # scored with the base model's tokenizer
     if extra.cfg.vocab_size != base_cfg.vocab_size:
         raise UserError(f"compare.extra_models {label!r}: {source} has a vocabulary of {extra.cfg.vocab_size} tokens, "

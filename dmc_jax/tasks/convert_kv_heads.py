@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import time
 
-from dmc_jax.dmc.export import tokenizer_files
 from dmc_jax.errors import UserError
 from dmc_jax.kv_heads import convert as kvc
 from dmc_jax.kv_heads.options import validate
@@ -33,9 +32,9 @@ def run(config, model) -> dict:
     conv = kvc.convert_from_config(c, model.cfg, model.params, model.tokenizer)
     seconds = time.perf_counter() - start
     out = c.output or os.path.join(config.output_dir, "model")
-    from dmc_jax.weights.hf_io import save_hf_dir
+    from dmc_jax.weights.hf_io import save_hf_dir, tokenizer_files_of
 
-    save_hf_dir(out, conv.cfg, conv.params, tokenizer_files=tokenizer_files(model.tokenizer), overwrite=True)
+    save_hf_dir(out, conv.cfg, conv.params, tokenizer_files=tokenizer_files_of(model.tokenizer), overwrite=True)
     print(f"{conv.description}: {model.cfg.num_kv_heads} -> {conv.cfg.num_kv_heads} KV heads "
           f"(cache {model.cfg.num_kv_heads * model.cfg.head_dim / (conv.cfg.num_kv_heads * conv.cfg.head_dim):.1f}x "
           f"smaller) written to {out} ({seconds:.0f} s)")

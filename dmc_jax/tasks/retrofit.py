@@ -28,6 +28,7 @@ from dmc_jax.dmc import export as dmc_export
 from dmc_jax.dmc.attention import DMCAttention
 from dmc_jax.dmc.objective import dmc_config
 from dmc_jax.dmc.surgery import FadedChannelAttention
+from dmc_jax.errors import UserError
 from dmc_jax.evaluation.perplexity import perplexity
 from dmc_jax.evaluation.text_files import read_text
 from dmc_jax.evaluation.report import cr_heatmap, markdown_table
@@ -122,15 +123,19 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     # columns are not used by the control and may have drifted after the surgery).
     control_attention = FadedChannelAttention(dmc_config(config.dmc), 0.0)
     for name, control in runs:
-        params, summary = _train(_subrun(config, name, control), model, host_params)
+        sub = _subrun(config, name, control)
+        params, summary = _train(sub, model, host_params)
         row = _evaluate(params, ids, model, config, control_attention if control else hard)
         row.update(train=summary, tokens_trained=config.train.steps * config.data.batch_size * config.data.seq_len)
-        if not control:
-            row["generation"] = _generate_sample(params, model, config)
-            sub = _subrun(config, name, control)
+        if not control:  # the model first: a failed sample below must not cost the trained result
             row["model_dir"] = dmc_export.save(os.path.join(sub.output_dir, "model"), model.cfg,
                                                jax.device_get(params), model.tokenizer, sub.dmc)
             print(f"{name}: model written to {row['model_dir']}")
+            try:
+                row["generation"] = _generate_sample(params, model, config)
+            except UserError as e:  # e.g. a model far from its target CR overflows the sample's cache
+                row["generation_error"] = str(e)
+                print(f"{name}: no generation sample: {e}")
         results[name] = row
         print(f"{name}: perplexity {row['perplexity']:.3f}, compression ratio {row['compression_ratio']:.2f} "
               f"({summary['training_seconds']:.0f} s of training steps)")

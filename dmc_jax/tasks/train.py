@@ -65,10 +65,10 @@ def final_params(config, cfg, shapes, objective, summary):
 def export(config, model, host_params, path: str) -> str:
     """A Hugging Face directory of host_params with the model's tokenizer (and dmc_config.json for DMC)."""
     from dmc_jax.dmc import export as dmc_export
-    from dmc_jax.weights.hf_io import save_hf_dir
+    from dmc_jax.weights.hf_io import save_hf_dir, tokenizer_files_of
 
     if config.train.objective == "dmc":
         return dmc_export.save(path, model.cfg, host_params, model.tokenizer, config.dmc)
-    save_hf_dir(path, model.cfg, host_params, tokenizer_files=dmc_export.tokenizer_files(model.tokenizer),
+    save_hf_dir(path, model.cfg, host_params, tokenizer_files=tokenizer_files_of(model.tokenizer),
                 overwrite=True)
     return path

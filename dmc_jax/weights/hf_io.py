@@ -108,6 +108,12 @@ def _shards(tensors: Dict[str, np.ndarray], max_shard_bytes: int) -> list:
     return groups
 
 
+def tokenizer_files_of(tokenizer) -> dict:
+    """{file name: content} of a tokenizer that can write itself (tokenizer.json), else {} (save_hf_dir's input)."""
+    files = getattr(tokenizer, "to_files", None)
+    return files() if callable(files) else {}
+
+
 def _write_tokenizer_files(tmp: str, tokenizer_files: Optional[TokenizerFiles]) -> None:
     if not tokenizer_files:
         return
