@@ -13,8 +13,8 @@ from dmc_jax.data.prepare import prepare
 from dmc_jax.data.summary import format_summary
 from dmc_jax.errors import UserError
 from tests.test_data_helpers import ByteTokenizer, data_config, write_corpus
+from tests.shared_corpus import corpus_file
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
@@ -101,7 +101,7 @@ def test_prepare_shared_corpus_sample(tmp_path):
     """A slice of the real shared corpus (gzip, paragraphs merged into long documents)."""
     root = tmp_path / "shared"
     root.mkdir()
-    with gzip.open(SHARED / "perl-doc.txt.gz", "rt") as f:
+    with gzip.open(corpus_file("perl-doc.txt.gz"), "rt") as f:
         (root / "perl.txt").write_text(f.read(200_000))
     cfg = data_config(tmp_path, root, min_document_chars=2000, seq_len=256)
     result = prepare(cfg, ByteTokenizer())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import pathlib
 
 import ml_collections
 import numpy as np
@@ -13,8 +12,8 @@ import dmc_jax.weights
 from dmc_jax.data import pipeline
 from dmc_jax.tasks import prepare_data
 from tests.test_data_helpers import data_config
+from tests.shared_corpus import corpus_file
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +25,7 @@ def smollm2_tokenizer():
 def test_prepare_data_task_and_batches_with_smollm2(tmp_path, capsys, monkeypatch, smollm2_tokenizer):
     root = tmp_path / "python_docs"
     root.mkdir()
-    with gzip.open(SHARED / "python3.11-doc.txt.gz", "rt") as f:
+    with gzip.open(corpus_file("python3.11-doc.txt.gz"), "rt") as f:
         text = f.read(120_000)
     (root / "python.txt").write_text(text)
     config = ml_collections.ConfigDict({"task": "prepare_data", "model": {"source": "smollm2"},

@@ -4,7 +4,6 @@ import gzip
 import io
 import json
 import os
-import pathlib
 
 import gguf
 import pytest
@@ -15,10 +14,10 @@ from dmc_jax.tokenizer.gguf_tokenizer import tokenizer_from_gguf
 from dmc_jax.tokenizer.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from dmc_jax.tokenizer.sp_tokenizer import load_sp_tokenizer
 from dmc_jax.weights.load import load_tokenizer
+from tests.shared_corpus import corpus_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "fixtures", "smollm2_tokenizer_reference.json")
-CORPUS = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "corpus")  # ../shared next to the checkout
 CORPUS_FILES = ("python3.11-doc", "linux-doc-6.1", "perl-doc")
 
 
@@ -26,7 +25,7 @@ def corpus_paragraphs(skip_chars=0, chars=120_000, per_file=120):
     """The first per_file paragraphs after skip_chars characters of each corpus file."""
     out = []
     for name in CORPUS_FILES:
-        with gzip.open(os.path.join(CORPUS, f"{name}.txt.gz"), "rt", encoding="utf-8") as f:
+        with gzip.open(corpus_file(f"{name}.txt.gz"), "rt", encoding="utf-8") as f:
             f.read(skip_chars)
             text = f.read(chars)
         out += [p for p in text.split("\n\n")[1:-1] if p.strip()][:per_file]
