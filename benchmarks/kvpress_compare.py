@@ -273,15 +273,21 @@ def report(args) -> None:
     print(text)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(doc: str, methods_help: str, ratios_help: str) -> argparse.ArgumentParser:
+    """The arguments both side-by-side scripts take: the step, the output directory, methods and ratios."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("side", choices=("ids", "ours", "kvpress", "report"))
     ap.add_argument("--out", default=str(REPO / "runs" / "kvpress_compare"))
+    ap.add_argument("--methods", nargs="*", default=[], help="a subset of " + ", ".join(METHODS) + methods_help)
+    ap.add_argument("--ratios", type=int, nargs="+", default=list(RATIOS), help=ratios_help)
+    return ap
+
+
+def main():
+    ap = command_line(__doc__, " (our side)", "our side (each ratio compiles)")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--windows", type=int, default=2)
-    ap.add_argument("--methods", nargs="*", default=[], help="our side: a subset of " + ", ".join(METHODS))
-    ap.add_argument("--ratios", type=int, nargs="+", default=list(RATIOS), help="our side (each ratio compiles)")
     args = ap.parse_args()
     {"ids": write_ids, "ours": run_ours, "kvpress": run_kvpress, "report": report}[args.side](args)
 

@@ -16,13 +16,12 @@ Models, methods and helpers are kvpress_compare.py's (the same GGUF, presses and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 
-from kvpress_compare import METHODS, RATIOS, REPO, grow, load_kvpress_model, method_pair
+from kvpress_compare import METHODS, command_line, grow, load_kvpress_model, method_pair
 
 # passkey retrieval: h2o_no_recent is left out unless named (another compile for a variant kvpress does not have)
 PASSKEY_METHODS = tuple(m for m in METHODS if m != "h2o_no_recent")
@@ -236,12 +235,7 @@ def passkey_report(args) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("side", choices=("ids", "ours", "kvpress", "report"))
-    ap.add_argument("--out", default=str(REPO / "runs" / "kvpress_compare"))
-    ap.add_argument("--methods", nargs="*", default=[],
-                    help="a subset of " + ", ".join(METHODS) + " (both sides; default all but h2o_no_recent)")
-    ap.add_argument("--ratios", type=int, nargs="+", default=list(RATIOS), help="both sides (ours: each compiles)")
+    ap = command_line(__doc__, " (both sides; default all but h2o_no_recent)", "both sides (ours: each compiles)")
     ap.add_argument("--passkey_length", type=int, default=512, help="tokens per passkey prompt")
     ap.add_argument("--passkey_trials", type=int, default=4, help="prompts per depth")
     ap.add_argument("--answer_tokens", type=int, default=6, help="greedy tokens decoded per passkey prompt")
