@@ -5,6 +5,7 @@ python -m dmc_jax.main --config configs/smollm2.py [--config.task=generate|eval|
 
 import ml_collections
 
+from dmc_jax.cache import registry as cache_registry
 from dmc_jax.data import options as data_options
 from dmc_jax.evaluation import compare_options
 from dmc_jax.kv_heads import options as kv_heads_options
@@ -23,30 +24,12 @@ def get_config():
     c.model.max_seq_len = 2048      # longest prompt + generation; 0 = the model's own context length
     c.model.remat = False
 
-    c.cache = ml_collections.ConfigDict()
-    c.cache.method = "dense"        # dense | streaming_llm | h2o | tova | snapkv | corm | corm_capped | dmc | dmc_paged
-    # Eviction policies (docs: /work/shared/docs/BASELINES.md); budget = KV slots per layer, sequence and KV head.
-    c.cache.budget = 256                 # the buffer allocated (not corm, whose size is adaptive)
-    c.cache.n_sink = 4                   # streaming_llm: initial tokens always kept (attention sinks)
-    c.cache.h2o_recent_ratio = 0.5       # h2o: share of the budget for recent tokens, the rest heavy hitters
-    c.cache.tova_per_head = False        # tova: score per KV head instead of the mean over the layer's heads
-    c.cache.snapkv_window = 32           # snapkv: observation window (last prompt queries), always kept
-    c.cache.snapkv_kernel = 5            # snapkv: average pooling of the observation scores (odd)
-    c.cache.snapkv_decode_evict = "score"  # snapkv, buffer full while decoding: drop 'score' (lowest) or 'oldest'
-    c.cache.corm_window = 32             # corm: w, the recent queries that must all find a key unimportant
-    c.cache.corm_recent = 32             # corm: r, the most recent tokens are never evicted
-    c.cache.corm_alpha = 1.0             # corm: unimportant = attention below alpha / keys seen (1 = uniform)
-    # DMC caches: dmc (padded: a buffer of `capacity` slots per head) and dmc_paged (a shared pool of small pages).
-    # Their DMC hyper-parameters (window, channel, offset, ...) come from the `dmc` section when the config has one.
-    c.cache.capacity = 0                 # dmc: slots per head; 0 = max_tokens / target_cr * margin (or max_tokens)
-    c.cache.target_cr = 0.0              # dmc, dmc_paged: expected compression ratio, sizes buffer / pool; 0 = none
-    c.cache.margin = 1.25                # dmc, dmc_paged: head room over max_tokens / target_cr
-    c.cache.on_overflow = "error"        # dmc, dmc_paged: out of room: 'error' (raised after the run) or 'merge'
-    c.cache.page_size = 16               # dmc_paged: slots per page (16-64; DMC's reference used 256)
-    c.cache.pages = 0                    # dmc_paged: pool size in pages; 0 = from target_cr and margin
-    c.cache.attend_growth = 1.4142       # dmc_paged: XLA decode attention gathers table prefixes of widths M, M/g,
-    #                                      M/g^2, ... (the narrowest that holds every head); 0 = the whole table
-    c.cache.kernels = "auto"             # dmc_paged: decode attention 'auto' (Pallas on GPU) | 'pallas' | 'xla'
+    # The cache method and its own section: cache.method ('auto' = the model directory's method, else dense; or any
+    # name of `python -m dmc_jax.main --config configs/smollm2.py --config.task=methods`), cache.budget (slots per
+    # layer, sequence and KV head of the budgeted eviction methods) and cache.<method>.<field>, e.g.
+    # --config.cache.h2o.recent_ratio=0.5 or --config.cache.dmc_paged.page_size=32 (docs/methods/).
+    c.cache = cache_registry.default_config()
+    c.cache.method = "auto"
 
     c.generate = ml_collections.ConfigDict()
     c.generate.prompt = "Explain in two sentences what a key-value cache is in a transformer."

@@ -86,6 +86,7 @@ def get_config():
     c.eval.batch = 1
 
     c.retrofit = ml_collections.ConfigDict()
+    c.retrofit.method = "dmc"       # the trained cache method (its section: c.dmc); see dmc_jax/cache/registry.py
     c.retrofit.control = True       # also train the vanilla control (same recipe and tokens, CR fixed at 1)
 
     c.generate = ml_collections.ConfigDict()

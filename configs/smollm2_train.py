@@ -31,7 +31,7 @@ def get_config():
     c.data.batch_size = 4           # global batch in rows (micro-batches: train.grad_accum)
 
     c.train = ml_collections.ConfigDict()
-    c.train.objective = "lm"        # a name in dmc_jax.training.objective.OBJECTIVES
+    c.train.objective = "lm"        # 'lm', or a trained cache method's section (e.g. 'dmc'): objective_names()
     c.train.steps = 50
     c.train.export_dir = ""         # also write the final weights here as a Hugging Face directory ('' = no)
     c.train.grad_accum = 1          # micro-batches per step (data.batch_size / grad_accum rows each)

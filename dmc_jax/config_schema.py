@@ -8,8 +8,7 @@ from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
-         "compare")
-CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped", "dmc", "dmc_paged")
+         "compare", "methods")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -45,10 +44,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not m.source:
         raise UserError("model.source is empty; use 'smollm2', a .gguf file or a Hugging Face model directory")
     if "cache" in config:
-        _one_of("cache.method", config.cache.method, CACHE_METHODS)
-        from dmc_jax.cache.registry import make_method  # each method checks the ranges of its own fields
-        from dmc_jax.dmc.export import method_sections
-        make_method(*method_sections(config))
+        from dmc_jax.cache import model_method  # the registry knows the methods; each checks its own fields
+        model_method.make(config)
     if config.task in ("generate", "demo", "retrofit"):
         _sections(config, ("generate",) if config.task == "retrofit" else ("generate", "cache"))
         g = config.generate
@@ -92,13 +89,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.task == "plan":
         from dmc_jax.tasks.plan import validate as validate_plan  # the plan section validates itself
         validate_plan(config)
-    if config.task == "retrofit" or (config.task == "train" and config.train.objective == "dmc"):
-        _sections(config, ("dmc",) + (("retrofit",) if config.task == "retrofit" else ()))
-        from dmc_jax.dmc.objective import validate as validate_dmc
-        validate_dmc(config.dmc)
+    trained = _trained_method(config)
+    if trained is not None:  # the trained section of the method this run trains validates itself
+        _sections(config, (trained.section,) + (("retrofit",) if config.task == "retrofit" else ()))
+        trained.validate(config[trained.section])
     if "data" in config and config.task in ("prepare_data", "demo", "train", "retrofit"):
         from dmc_jax.data import options as data_options  # the data section validates itself
         data_options.validate(config.data)
+
+
+def _trained_method(config: ml_collections.ConfigDict):
+    """The registry's TrainedMethod this run trains (task retrofit: retrofit.method's; task train: the objective's),
+    or None."""
+    from dmc_jax.cache import registry
+
+    if config.task == "retrofit":
+        name = config.get("retrofit", {}).get("method", "dmc")
+        spec = registry.get(name)
+        if spec.trained is None:
+            trainable = [n for n in registry.names() if registry.get(n).trained is not None]
+            raise UserError(f"retrofit.method {name!r} is training-free; task retrofit trains one of "
+                            f"{', '.join(trainable)}")
+        return spec.trained
+    if config.task in ("train", "plan") and "train" in config:
+        return registry.trained(config.train.objective)
+    return None
 
 
 def _bool(name: str, value) -> None:
@@ -113,14 +128,14 @@ def _below(name: str, value, high) -> None:
 
 def _validate_training(config: ml_collections.ConfigDict) -> None:
     """The train, optim, checkpoint and (optional) mesh sections of task 'train'."""
-    from dmc_jax.training.objective import OBJECTIVES
+    from dmc_jax.training.objective import objective_names
     from dmc_jax.training.optimizer import SCHEDULES
     from dmc_jax.training.sharding import AXES
 
     m, t, o, c = config.model, config.train, config.optim, config.checkpoint
     _one_of("model.param_dtype (training keeps fp32 master weights; set model.compute_dtype=bfloat16 for bf16 "
             "compute)", m.param_dtype, ("float32",))
-    _one_of("train.objective", t.objective, sorted(OBJECTIVES))
+    _one_of("train.objective", t.objective, objective_names())
     for name in ("steps", "grad_accum", "log_every"):
         _at_least(f"train.{name}", t[name], 1)
     for name in ("eval_every", "eval_batches"):

@@ -14,9 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dmc_jax.dmc.config import DMCConfig
-from dmc_jax.errors import UserError
 from dmc_jax.cache import paged_attention
+from dmc_jax.errors import UserError
 from dmc_jax.model.attention import causal_mask, grouped_attention
 from pallas_kernels import dmc_flash_attention, paged_decode
 from pallas_kernels.paged_decode import supported as paged_decode_supported
@@ -48,19 +47,18 @@ def paged_decode_attention(q_BHD: jax.Array, pool_k_PND: jax.Array, pool_v_PND: 
     return paged_attention.paged_decode_attention(q_BHD, pool_k_PND, pool_v_PND, block_table_BKM, count_BK)
 
 
-def dmc_attention(q_BTHD: jax.Array, khat_BTKD: jax.Array, vhat_BTKD: jax.Array, alpha_BTK: jax.Array,
-                  z_BTK: jax.Array, segment_ids_BT: jax.Array | None, dmc: DMCConfig,
-                  kernels: str = "auto") -> jax.Array:
-    """DMC training-form attention [B, T, H, Dh] (causal, segments, merge penalty) on rotated q and slots.
+def key_penalty_attention(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, penalty_BKS: jax.Array,
+                          segment_ids_BT: jax.Array | None, kernels: str = "auto") -> jax.Array:
+    """Causal attention [B, T, H, Dh] (segments) with a per-key additive logit penalty_BKS applied to every query
+    strictly after key s (the diagonal is exempt): DMC's merge mask, log(1 - alpha_{s+1}), is one such vector.
 
-    The XLA path is dmc_core's grouped_attention with merge_penalty's T x T bias; the Pallas path never builds it.
+    The XLA path builds the [B, K, T, S] bias; the Pallas flash kernel reads the vector and never builds it.
     """
-    from dmc_jax.dmc.attention import merge_penalty, penalty_vector  # at call time: dmc.attention imports us
-
     if use_pallas(kernels):
-        pen_BKT = penalty_vector(alpha_BTK, z_BTK, dmc)
-        return dmc_flash_attention(q_BTHD, khat_BTKD, vhat_BTKD, pen_BKT, segment_ids_BT, interpret=_interpret())
+        return dmc_flash_attention(q_BTHD, k_BTKD, v_BTKD, penalty_BKS, segment_ids_BT, interpret=_interpret())
     B, T = q_BTHD.shape[:2]
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
-    return grouped_attention(q_BTHD, khat_BTKD, vhat_BTKD, mask_B1TS, merge_penalty(alpha_BTK, z_BTK, dmc))
+    below_TS = jnp.arange(T)[None, :] < jnp.arange(T)[:, None]
+    bias_BKTS = jnp.where(below_TS[None, None], penalty_BKS[:, :, None, :], 0.0)
+    return grouped_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, bias_BKTS)

@@ -66,12 +66,12 @@ def test_compare_task_on_the_tiny_model(tmp_path):
 
 
 def test_a_dmc_model_directory_joins_the_comparison_with_its_own_dmc_hyperparameters(tmp_path):
-    """task retrofit writes <run>/dmc/model with dmc_config.json; compare (and every task that builds a DMC cache)
+    """task retrofit writes <run>/dmc/model with kv_method.json; compare (and every task that builds a DMC cache)
     reads the hyper-parameters from there: here a decision offset of -6 makes the random model merge almost every
     token, which the config's own dmc defaults (offset 5) would not, so CR > 1 proves the file was used."""
     import jax
 
-    from dmc_jax.dmc import export
+    from dmc_jax.cache import model_method
     from dmc_jax.dmc.objective import default_config
     from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
 
@@ -80,19 +80,23 @@ def test_a_dmc_model_directory_joins_the_comparison_with_its_own_dmc_hyperparame
     section = default_config()
     section.update(dict(target_cr=3.0, decision_offset=-6.0, window=4))
     model_dir = str(tmp_path / "dmc_model")
-    export.save(model_dir, cfg, jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(3))), tok, section)
-    assert export.section_for(model_dir).to_dict() == section.to_dict()
-    assert export.section_for(str(tmp_path)) is None
-    # generate / bench / validation build their cache from the same file, sized for the trained CR when unset
+    model_method.save(model_dir, cfg, jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(3))), tok,
+                      "dmc_paged", section)
+    saved = model_method.read(model_dir)
+    assert saved.method == "dmc_paged" and saved.hparams.to_dict() == section.to_dict()
+    assert model_method.read(str(tmp_path)) is None
+    # generate / bench / validation build their cache from the same file, sized for the trained CR when unset;
+    # cache.method 'auto' (the default) takes the directory's method
     from dmc_jax.config_loader import load_config_file
-    from dmc_jax.cache.registry import make_method
     config = load_config_file(CONFIG)
-    config.model.source, config.cache.method = model_dir, "dmc_paged"
-    cache, dmc = export.method_sections(config)
-    assert cache.target_cr == 3.0 and dmc.decision_offset == -6.0 and config.cache.target_cr == 0.0
-    assert make_method(cache, dmc).target_cr == 3.0
-    config.cache.target_cr = 5.0  # an explicit size wins
-    assert export.method_sections(config)[0].target_cr == 5.0
+    config.model.source = model_dir
+    method = model_method.make(config)
+    assert method.name == "dmc_paged" and method.dmc.decision_offset == -6.0 and method.target_cr == 3.0
+    assert config.cache.dmc_paged.target_cr == 0.0
+    config.cache.method = "dmc"  # the other DMC cache reads the same trained section
+    assert model_method.make(config).dmc.decision_offset == -6.0
+    config.cache.dmc.target_cr = 5.0  # an explicit size wins
+    assert model_method.make(config).target_cr == 5.0
 
     # and an ordinary model with fewer KV heads (e.g. an up-trained GQA model) with the dense cache
     gqa_cfg = cfg.replace(num_kv_heads=1)
@@ -106,7 +110,7 @@ def test_a_dmc_model_directory_joins_the_comparison_with_its_own_dmc_hyperparame
             "--config.compare.ppl_sequences=2", "--config.compare.batch=2", "--config.compare.ratios=(4,)",
             "--config.compare.methods=('dense',)", "--config.compare.kv_heads=()", "--config.compare.evals=('ppl',)",
             f"--config.compare.extra_models=('dmc|{model_dir}|dmc_paged','gqa|{gqa_dir}|dense')",
-            "--config.cache.page_size=16", "--config.cache.margin=1.0"]
+            "--config.cache.dmc_paged.page_size=16", "--config.cache.dmc_paged.margin=1.0"]
     assert main(argv) == 0
     rows = json.loads((out / "results.json").read_text())["results"]["rows"]
     assert [(r["model"], r["method"], r["ratio"]) for r in rows] == [

@@ -261,9 +261,11 @@ def test_registry_builds_dmc_caches_from_the_config():
         method = make_method(config.cache, config.get("dmc"))
         assert method.dmc.window is None and method.dmc.decision_offset == 2.0
         del config["dmc"]
-    config.cache.page_size = 0
-    with pytest.raises(UserError, match="cache.page_size"):
+    config.cache.dmc_paged.page_size = 0
+    with pytest.raises(UserError, match=r"cache\.dmc_paged\.page_size"):
         validate(config)
-    old = ml_collections.ConfigDict({"method": "dmc_paged"})
-    with pytest.raises(UserError, match="lacks a field"):
-        make_method(old)
+    # A section of only the method's name builds it with every field at its default.
+    assert make_method(ml_collections.ConfigDict({"method": "dmc_paged"})).page_size == 16
+    # A flat section of a config written before the per-method sections still sizes the cache.
+    old = ml_collections.ConfigDict({"method": "dmc_paged", "page_size": 32, "target_cr": 4.0})
+    assert (make_method(old).page_size, make_method(old).target_cr) == (32, 4.0)

@@ -315,6 +315,19 @@ def test_budget_covering_the_sequence_equals_the_dense_cache_exactly():
 
 
 def _cache_config(method, **fields):
+    """A cache section in the per-method layout; fields 'name.field' go to the method's own section."""
+    c = ml_collections.ConfigDict(dict(method=method, budget=8, snapkv=dict(window=4), corm=dict(window=2, recent=4),
+                                       corm_capped=dict(window=2, recent=4)))
+    for key, value in fields.items():
+        section, _, field = key.rpartition(".")
+        if section and section not in c:
+            c[section] = ml_collections.ConfigDict()
+        (c[section] if section else c)[field] = value
+    return c
+
+
+def _legacy_cache_config(method, **fields):
+    """The flat cache section of configs written before the per-method sections."""
     c = ml_collections.ConfigDict(dict(method=method, budget=8, n_sink=4, h2o_recent_ratio=0.5,
                                        tova_per_head=False, snapkv_window=4, snapkv_kernel=5,
                                        snapkv_decode_evict="score", corm_window=2, corm_recent=4, corm_alpha=1.0))
@@ -356,16 +369,16 @@ def test_buffers_are_sized_by_the_budget_not_the_length(policy):
 
 
 @pytest.mark.parametrize("build, field", [
-    (lambda: StreamingLLMCache(budget=4, n_sink=4), "cache.n_sink"),
-    (lambda: H2OCache(budget=8, recent_ratio=1.5), "cache.h2o_recent_ratio"),
+    (lambda: StreamingLLMCache(budget=4, n_sink=4), "cache.streaming_llm.n_sink"),
+    (lambda: H2OCache(budget=8, recent_ratio=1.5), "cache.h2o.recent_ratio"),
     (lambda: H2OCache(budget=0), "cache.budget"),
     (lambda: TOVACache(budget=0), "cache.budget"),
-    (lambda: SnapKVCache(budget=32, window=32), "cache.snapkv_window"),
-    (lambda: SnapKVCache(budget=64, kernel=4), "cache.snapkv_kernel"),
-    (lambda: SnapKVCache(budget=64, decode_evict="newest"), "cache.snapkv_decode_evict"),
-    (lambda: CORMCache(budget=16, recent=32), "cache.corm_recent"),
-    (lambda: CORMCache(window=0), "cache.corm_window"),
-    (lambda: CORMCache(alpha=-1.0), "cache.corm_alpha"),
+    (lambda: SnapKVCache(budget=32, window=32), "cache.snapkv.window"),
+    (lambda: SnapKVCache(budget=64, kernel=4), "cache.snapkv.kernel"),
+    (lambda: SnapKVCache(budget=64, decode_evict="newest"), "cache.snapkv.decode_evict"),
+    (lambda: CORMCache(budget=16, recent=32), "cache.corm.recent"),
+    (lambda: CORMCache(window=0), "cache.corm.window"),
+    (lambda: CORMCache(alpha=-1.0), "cache.corm.alpha"),
 ])
 def test_bad_fields_are_user_errors_naming_the_field(build, field):
     with pytest.raises(UserError, match=field.replace(".", r"\.")):
@@ -373,14 +386,26 @@ def test_bad_fields_are_user_errors_naming_the_field(build, field):
 
 
 @pytest.mark.parametrize("name, fields, needle", [
-    ("streaming_llm", dict(budget=3), "cache.budget (3) must exceed cache.n_sink"),
-    ("snapkv", dict(budget=4), "cache.snapkv_window"),
-    ("corm_capped", dict(budget=4), "cache.corm_recent"),
-    ("h2o", dict(h2o_recent_ratio=-0.1), "cache.h2o_recent_ratio"),
+    ("streaming_llm", dict(budget=3), "cache.budget (3) must exceed cache.streaming_llm.n_sink"),
+    ("snapkv", dict(budget=4), "cache.snapkv.window"),
+    ("corm_capped", dict(budget=4), "cache.corm.recent"),
+    ("h2o", {"h2o.recent_ratio": -0.1}, "cache.h2o.recent_ratio"),
+    ("h2o", {"h2o.recent": 3}, "cache.h2o has no field recent; its fields are recent_ratio"),
 ])
 def test_config_validation_names_the_field(name, fields, needle):
+    """(A config's cache.method names the method; its fields live in cache.<method>.)"""
     config = ml_collections.ConfigDict(dict(task="generate", model=dict(source="smollm2", param_dtype="float32",
                                                                           compute_dtype="float32", max_seq_len=0)))
     config.cache = _cache_config(name, **fields)
     with pytest.raises(UserError, match=needle.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
         validate(config)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_legacy_flat_cache_section_builds_the_same_method(name):
+    """Configs written before the per-method sections (cache.h2o_recent_ratio, ...) keep working."""
+    legacy = _legacy_cache_config(name, **({"h2o_recent_ratio": 0.25, "corm_alpha": 0.5}))
+    new = _cache_config(name, **{"h2o.recent_ratio": 0.25, "corm.alpha": 0.5, "corm_capped.alpha": 0.5})
+    assert make_method(legacy) == make_method(new)
+    if name == "h2o":
+        assert make_method(legacy).recent_ratio == 0.25

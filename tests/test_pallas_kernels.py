@@ -161,8 +161,9 @@ def test_dispatch_pallas_equals_xla_and_validates():
     z = jnp.asarray(rng.normal(size=(B, T, K)), jnp.float32)
     alpha = jax.nn.sigmoid(z).at[:, 0].set(0.0)
     dmc = DMCConfig()
-    got = dispatch.dmc_attention(q, k, v, alpha, z, seg, dmc, kernels="pallas")
-    want = dispatch.dmc_attention(q, k, v, alpha, z, seg, dmc, kernels="xla")
+    pen = penalty_vector(alpha, z, dmc)
+    got = dispatch.key_penalty_attention(q, k, v, pen, seg, kernels="pallas")
+    want = dispatch.key_penalty_attention(q, k, v, pen, seg, kernels="xla")
     assert rel(got, want) < 1e-5
     qd, pk, pv, table, count = paged_inputs(rng, 2, 1, 2, 16, 16, 3, jnp.float32)
     assert rel(dispatch.paged_decode_attention(qd, pk, pv, table, count, kernels="pallas"),

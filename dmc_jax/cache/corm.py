@@ -31,14 +31,17 @@ import dataclasses
 import jax.numpy as jnp
 
 from dmc_jax.cache import eviction_common as ev
-from dmc_jax.cache.protocol import RopeFn
+from dmc_jax.cache import registry
+from dmc_jax.cache.protocol import RopeFn, RowOps
 from dmc_jax.errors import require
 from dmc_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class CORMCache:
+class CORMCache(RowOps):
     """Evicts keys that the recent queries all ignore; adaptive size, optionally capped."""
+
+    layout = ev.LAYOUT
 
     budget: int = 0       # slots per layer, sequence and KV head; 0 = adaptive within max_tokens slots
     window: int = 32      # w: recent queries that must all find a key unimportant
@@ -46,11 +49,11 @@ class CORMCache:
     alpha: float = 1.0    # threshold alpha / n (1 = below uniform attention)
 
     def __post_init__(self):
-        require(self.window >= 1, f"cache.corm_window must be >= 1; got {self.window}")
-        require(self.recent >= 0, f"cache.corm_recent must be >= 0; got {self.recent}")
-        require(self.alpha >= 0.0, f"cache.corm_alpha must be >= 0; got {self.alpha}")
+        require(self.window >= 1, f"cache.corm.window must be >= 1; got {self.window}")
+        require(self.recent >= 0, f"cache.corm.recent must be >= 0; got {self.recent}")
+        require(self.alpha >= 0.0, f"cache.corm.alpha must be >= 0; got {self.alpha}")
         require(self.budget == 0 or self.budget > self.recent,
-                f"cache.budget ({self.budget}) must exceed cache.corm_recent ({self.recent}) for corm_capped")
+                f"cache.budget ({self.budget}) must exceed cache.corm.recent ({self.recent}) for corm_capped")
 
     @property
     def name(self) -> str:
@@ -105,3 +108,15 @@ class CORMCache:
 
     def stats(self, state, tokens_B):
         return ev.buffer_stats(state, tokens_B)
+
+
+_CORM_DEFAULTS = {"window": 32, "recent": 32, "alpha": 1.0}
+_CORM_LEGACY = {"window": "corm_window", "recent": "corm_recent", "alpha": "corm_alpha"}
+registry.register(registry.MethodSpec(
+    name="corm", adaptive=True, defaults=_CORM_DEFAULTS, legacy=_CORM_LEGACY,
+    build=lambda s, hparams: CORMCache(budget=0, window=s.window, recent=s.recent, alpha=s.alpha),
+    summary="evicts keys every recent query ignores; adaptive size (Dai et al., 2024)"))
+registry.register(registry.MethodSpec(
+    name="corm_capped", budgeted=True, defaults=_CORM_DEFAULTS, legacy=_CORM_LEGACY,
+    build=lambda s, hparams: CORMCache(budget=s.budget, window=s.window, recent=s.recent, alpha=s.alpha),
+    summary="CORM within a fixed budget"))

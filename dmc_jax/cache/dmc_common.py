@@ -19,13 +19,23 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dmc_jax.cache import registry
 from dmc_jax.cache.protocol import RopeFn
 from dmc_jax.dmc.accumulate import accumulate
 from dmc_jax.dmc.attention import dmc_core
-from dmc_jax.dmc.config import DMCConfig
+from dmc_jax.dmc.config import DMCConfig, default_section, from_section, validate_section
 from dmc_jax.dmc.decisions import decisions, read_channel, zero_channel
 
 OVERFLOW = ("error", "merge")
+
+# What a DMC model carries (its `dmc` section: window, channel, offset, target CR, ...) and how it is trained; both
+# DMC caches are served from it.
+TRAINED = registry.TrainedMethod(
+    section="dmc", defaults=lambda: default_section().to_dict(), validate=validate_section,
+    objective="dmc_jax.dmc.objective:make", evaluate="dmc_jax.dmc.objective:eval_attention", serve_method="dmc_paged")
+# The fields both DMC caches share: the CR their buffers are sized for and what happens when one runs out of room.
+SIZING = {"target_cr": 0.0, "margin": 1.25, "on_overflow": "error"}
+SIZING_LEGACY = {name: name for name in SIZING}
 OPEN_SLOT_KEYS = ("mk", "mv", "z", "rk", "rv", "rw")
 
 

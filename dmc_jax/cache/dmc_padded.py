@@ -24,10 +24,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, decode_decisions, init_open_slot, prefill_slots,
+from dmc_jax.cache import registry
+from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, SIZING, SIZING_LEGACY, TRAINED, decode_decisions, init_open_slot, prefill_slots,
                                       rotate, update_open_slot, write_layer)
-from dmc_jax.cache.protocol import RopeFn, state_bytes
-from dmc_jax.dmc.config import DMCConfig
+from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
+from dmc_jax.dmc.config import DMCConfig, from_section
 from dmc_jax.errors import UserError
 from dmc_jax.model.attention import decode_attention
 from dmc_jax.model.config import ModelConfig
@@ -43,8 +44,10 @@ def capacity_for(max_tokens: int, capacity: int, target_cr: float, margin: float
 
 
 @dataclasses.dataclass(frozen=True)
-class DMCPaddedCache:
+class DMCPaddedCache(RowOps):
     """DMC inference with a padded buffer of `capacity` slots per head (or derived from target_cr x margin)."""
+
+    layout = StateLayout(kept=("overflow", "lost"))
 
     dmc: DMCConfig = DMCConfig()
     capacity: int = 0
@@ -55,11 +58,11 @@ class DMCPaddedCache:
 
     def __post_init__(self):
         if self.on_overflow not in OVERFLOW:
-            raise UserError(f"cache.on_overflow must be one of {', '.join(OVERFLOW)}; got {self.on_overflow!r}")
+            raise UserError(f"cache.dmc.on_overflow must be one of {', '.join(OVERFLOW)}; got {self.on_overflow!r}")
         if self.capacity < 0 or self.target_cr < 0 or (self.target_cr and self.target_cr < 1):
-            raise UserError("cache.capacity must be >= 0 and cache.target_cr 0 (off) or >= 1")
+            raise UserError("cache.dmc.capacity must be >= 0 and cache.dmc.target_cr 0 (off) or >= 1")
         if self.margin < 1:
-            raise UserError(f"cache.margin must be >= 1; got {self.margin}")
+            raise UserError(f"cache.dmc.margin must be >= 1; got {self.margin}")
 
     # ------------------------------------------------------------------------------------------------ state
     def init(self, cfg: ModelConfig, batch: int, max_tokens: int):
@@ -126,10 +129,18 @@ class DMCPaddedCache:
             l, b, k = (int(i) for i in np.argwhere(lost_LBK)[0])
             raise UserError(f"DMC cache overflow at prefill: layer {l}, KV head {k} (sequence {b}) needs "
                             f"{C + int(lost_LBK[l, b, k])} slots for the prompt, capacity is {C}; raise "
-                            f"cache.capacity (or cache.margin / lower cache.target_cr)")
+                            f"cache.dmc.capacity (or cache.dmc.margin / lower cache.dmc.target_cr)")
         overflow_LBK = np.asarray(state["overflow"])
         if self.on_overflow == "error" and overflow_LBK.any():
             l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
             raise UserError(f"DMC cache overflow: layer {l}, KV head {k} (sequence {b}) needed more than "
                             f"{C} slots ({int(overflow_LBK.sum())} appends found no slot in all); raise "
-                            f"cache.capacity or cache.margin, or set cache.on_overflow='merge'")
+                            f"cache.dmc.capacity or cache.dmc.margin, or set cache.dmc.on_overflow='merge'")
+
+
+registry.register(registry.MethodSpec(
+    name="dmc", trained=TRAINED, sized_by_cr=True,
+    defaults={"capacity": 0, **SIZING}, legacy={"capacity": "capacity", **SIZING_LEGACY},
+    build=lambda s, hparams: DMCPaddedCache(from_section(hparams), capacity=s.capacity, target_cr=s.target_cr,
+                                            margin=s.margin, on_overflow=s.on_overflow),
+    summary="Dynamic Memory Compression, a padded buffer per head (Nawrot et al., ICML 2024)"))

@@ -47,11 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmc_jax import kernels as dispatch
-from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, decode_decisions, init_open_slot, prefill_slots,
+from dmc_jax.cache import registry
+from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, SIZING, SIZING_LEGACY, TRAINED, decode_decisions, init_open_slot, prefill_slots,
                                       rotate, update_open_slot, write_layer)
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
-from dmc_jax.cache.protocol import RopeFn, state_bytes
-from dmc_jax.dmc.config import DMCConfig
+from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
+from dmc_jax.dmc.config import DMCConfig, from_section
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import ModelConfig
 
@@ -99,8 +100,14 @@ def put_rows(state: dict, sub: dict, rows_R: jax.Array) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class DMCPagedCache:
+class DMCPagedCache(RowOps):
     """DMC inference over a shared pool of `page_size`-slot pages (`pages`, or sized from target_cr x margin)."""
+
+    layout = StateLayout(shared=POOL_KEYS, kept=("overflow", "lost"))
+
+    def free_rows(self, state, done_B):
+        """Returns the rows' pages to the pool, then empties them."""
+        return free_sequences(state, done_B)
 
     dmc: DMCConfig = DMCConfig()
     page_size: int = 16
@@ -114,17 +121,17 @@ class DMCPagedCache:
 
     def __post_init__(self):
         if self.on_overflow not in OVERFLOW:
-            raise UserError(f"cache.on_overflow must be one of {', '.join(OVERFLOW)}; got {self.on_overflow!r}")
+            raise UserError(f"cache.dmc_paged.on_overflow must be one of {', '.join(OVERFLOW)}; got {self.on_overflow!r}")
         if not 1 <= self.page_size <= 256:
-            raise UserError(f"cache.page_size must be in [1, 256] (16-64 suits DMC); got {self.page_size}")
+            raise UserError(f"cache.dmc_paged.page_size must be in [1, 256] (16-64 suits DMC); got {self.page_size}")
         if self.pages < 0 or self.target_cr < 0 or (self.target_cr and self.target_cr < 1):
-            raise UserError("cache.pages must be >= 0 and cache.target_cr 0 (off) or >= 1")
+            raise UserError("cache.dmc_paged.pages must be >= 0 and cache.dmc_paged.target_cr 0 (off) or >= 1")
         if self.margin < 1:
-            raise UserError(f"cache.margin must be >= 1; got {self.margin}")
+            raise UserError(f"cache.dmc_paged.margin must be >= 1; got {self.margin}")
         if self.attend_growth and self.attend_growth <= 1:
-            raise UserError(f"cache.attend_growth must be > 1 (or 0: gather the whole table); got {self.attend_growth}")
+            raise UserError(f"cache.dmc_paged.attend_growth must be > 1 (or 0: gather the whole table); got {self.attend_growth}")
         if self.kernels not in dispatch.KERNELS:
-            raise UserError(f"cache.kernels must be one of {', '.join(dispatch.KERNELS)}; got {self.kernels!r}")
+            raise UserError(f"cache.dmc_paged.kernels must be one of {', '.join(dispatch.KERNELS)}; got {self.kernels!r}")
 
     # ------------------------------------------------------------------------------------------------ state
     def pool_pages(self, cfg: ModelConfig, batch: int, max_tokens: int) -> int:
@@ -237,7 +244,7 @@ class DMCPagedCache:
         P, N = state["pool_k"].shape[:2]
         refused = np.asarray(state["refused"])
         pool = f"the pool has {P} pages of {N} slots"
-        fix = "raise cache.pages (or cache.margin, or lower cache.target_cr)"
+        fix = "raise cache.dmc_paged.pages (or cache.dmc_paged.margin, or lower cache.dmc_paged.target_cr)"
         lost_LBK = np.asarray(state["lost"])
         if lost_LBK.any() or refused[1]:
             where = "a row admitted since"
@@ -252,4 +259,15 @@ class DMCPagedCache:
                 l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
                 where = f"layer {l}, KV head {k} (sequence {b})"
             raise UserError(f"DMC paged cache overflow: {where} found no free page ({int(refused[0])} appends "
-                            f"merged instead in all); {pool}; {fix}, or set cache.on_overflow='merge'")
+                            f"merged instead in all); {pool}; {fix}, or set cache.dmc_paged.on_overflow='merge'")
+
+
+registry.register(registry.MethodSpec(
+    name="dmc_paged", trained=TRAINED, sized_by_cr=True,
+    defaults={"page_size": 16, "pages": 0, **SIZING, "attend_growth": 1.4142, "kernels": "auto"},
+    legacy={"page_size": "page_size", "pages": "pages", "attend_growth": "attend_growth", "kernels": "kernels",
+            **SIZING_LEGACY},
+    build=lambda s, hparams: DMCPagedCache(from_section(hparams), page_size=s.page_size, pages=s.pages,
+                                           target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow,
+                                           attend_growth=s.attend_growth, kernels=s.kernels),
+    summary="DMC over a shared pool of pages with block tables (serving)"))

@@ -27,11 +27,13 @@ from typing import Dict, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dmc_jax.cache.protocol import RopeFn, state_bytes
+from dmc_jax.cache.protocol import RopeFn, StateLayout, state_bytes
 from dmc_jax.model.attention import NEG_INF, causal_mask, decode_attention, grouped_attention
 from dmc_jax.model.config import ModelConfig
 
 INF = float("inf")
+# An empty row: no valid slot, positions -1 (a policy with per-slot statistics adds their empty values).
+LAYOUT = StateLayout(fills={"pos": -1, "valid": False})
 
 
 def init_buffers(cfg: ModelConfig, batch: int, capacity: int, extras: Dict[str, tuple] = ()) -> dict:

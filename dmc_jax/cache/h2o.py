@@ -17,14 +17,17 @@ import dataclasses
 import jax.numpy as jnp
 
 from dmc_jax.cache import eviction_common as ev
-from dmc_jax.cache.protocol import RopeFn
+from dmc_jax.cache import registry
+from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout
 from dmc_jax.errors import require
 from dmc_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class H2OCache:
+class H2OCache(RowOps):
     """Heavy hitters by accumulated attention + a recent window."""
+
+    layout = StateLayout(fills={**ev.LAYOUT.fills, "score": 0.0})
 
     budget: int = 256          # slots per layer, sequence and KV head
     recent_ratio: float = 0.5  # share of the budget for the recent window (paper: 10% + 10% of the length)
@@ -33,7 +36,7 @@ class H2OCache:
     def __post_init__(self):
         require(self.budget >= 1, f"cache.budget must be >= 1; got {self.budget}")
         require(0.0 <= self.recent_ratio <= 1.0,
-                f"cache.h2o_recent_ratio must be in [0, 1]; got {self.recent_ratio}")
+                f"cache.h2o.recent_ratio must be in [0, 1]; got {self.recent_ratio}")
 
     @property
     def recent(self) -> int:
@@ -64,3 +67,9 @@ class H2OCache:
 
     def stats(self, state, tokens_B):
         return ev.buffer_stats(state, tokens_B)
+
+
+registry.register(registry.MethodSpec(
+    name="h2o", budgeted=True, defaults={"recent_ratio": 0.5}, legacy={"recent_ratio": "h2o_recent_ratio"},
+    build=lambda s, hparams: H2OCache(budget=s.budget, recent_ratio=s.recent_ratio),
+    summary="heavy hitters by accumulated attention + recent window (Zhang et al., NeurIPS 2023)"))

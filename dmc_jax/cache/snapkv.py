@@ -22,7 +22,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from dmc_jax.cache import eviction_common as ev
-from dmc_jax.cache.protocol import RopeFn
+from dmc_jax.cache import registry
+from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout
 from dmc_jax.errors import require
 from dmc_jax.model.config import ModelConfig
 
@@ -30,8 +31,10 @@ DECODE_EVICT = ("score", "oldest")
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapKVCache:
+class SnapKVCache(RowOps):
     """Observation-window selection of the prompt, then a budget policy while decoding."""
+
+    layout = StateLayout(fills={**ev.LAYOUT.fills, "score": ev.INF})
 
     budget: int = 256             # slots per layer, sequence and KV head
     window: int = 32              # observation window: the last prompt queries (the paper's 32)
@@ -40,13 +43,13 @@ class SnapKVCache:
     name: str = "snapkv"
 
     def __post_init__(self):
-        require(self.window >= 1, f"cache.snapkv_window must be >= 1; got {self.window}")
-        require(self.budget > self.window, f"cache.budget ({self.budget}) must exceed cache.snapkv_window "
+        require(self.window >= 1, f"cache.snapkv.window must be >= 1; got {self.window}")
+        require(self.budget > self.window, f"cache.budget ({self.budget}) must exceed cache.snapkv.window "
                                            f"({self.window}) to leave room for selected tokens")
         require(self.kernel >= 1 and self.kernel % 2 == 1,
-                f"cache.snapkv_kernel must be an odd number >= 1; got {self.kernel}")
+                f"cache.snapkv.kernel must be an odd number >= 1; got {self.kernel}")
         require(self.decode_evict in DECODE_EVICT,
-                f"cache.snapkv_decode_evict must be one of {', '.join(DECODE_EVICT)}; got {self.decode_evict!r}")
+                f"cache.snapkv.decode_evict must be one of {', '.join(DECODE_EVICT)}; got {self.decode_evict!r}")
 
     def init(self, cfg: ModelConfig, batch: int, max_tokens: int):
         return ev.init_buffers(cfg, batch, min(self.budget, max_tokens), {"score": (jnp.float32, ev.INF)})
@@ -75,3 +78,11 @@ class SnapKVCache:
 
     def stats(self, state, tokens_B):
         return ev.buffer_stats(state, tokens_B)
+
+
+registry.register(registry.MethodSpec(
+    name="snapkv", budgeted=True, defaults={"window": 32, "kernel": 5, "decode_evict": "score"},
+    legacy={"window": "snapkv_window", "kernel": "snapkv_kernel", "decode_evict": "snapkv_decode_evict"},
+    build=lambda s, hparams: SnapKVCache(budget=s.budget, window=s.window, kernel=s.kernel,
+                                         decode_evict=s.decode_evict),
+    summary="prompt tokens selected by an observation window (Li et al., NeurIPS 2024)"))

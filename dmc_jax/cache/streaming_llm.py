@@ -16,22 +16,25 @@ import dataclasses
 import jax.numpy as jnp
 
 from dmc_jax.cache import eviction_common as ev
-from dmc_jax.cache.protocol import RopeFn
+from dmc_jax.cache import registry
+from dmc_jax.cache.protocol import RopeFn, RowOps
 from dmc_jax.errors import require
 from dmc_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingLLMCache:
+class StreamingLLMCache(RowOps):
     """Attention sinks + a sliding window of the most recent tokens."""
+
+    layout = ev.LAYOUT
 
     budget: int = 256   # slots per layer, sequence and KV head
     n_sink: int = 4     # the paper's four initial tokens
     name: str = "streaming_llm"
 
     def __post_init__(self):
-        require(self.n_sink >= 0, f"cache.n_sink must be >= 0; got {self.n_sink}")
-        require(self.budget > self.n_sink, f"cache.budget ({self.budget}) must exceed cache.n_sink "
+        require(self.n_sink >= 0, f"cache.streaming_llm.n_sink must be >= 0; got {self.n_sink}")
+        require(self.budget > self.n_sink, f"cache.budget ({self.budget}) must exceed cache.streaming_llm.n_sink "
                                            f"({self.n_sink}) to leave room for recent tokens")
 
     def init(self, cfg: ModelConfig, batch: int, max_tokens: int):
@@ -53,3 +56,9 @@ class StreamingLLMCache:
 
     def stats(self, state, tokens_B):
         return ev.buffer_stats(state, tokens_B)
+
+
+registry.register(registry.MethodSpec(
+    name="streaming_llm", budgeted=True, defaults={"n_sink": 4}, legacy={"n_sink": "n_sink"},
+    build=lambda s, hparams: StreamingLLMCache(budget=s.budget, n_sink=s.n_sink),
+    summary="attention sinks + a sliding window (Xiao et al., ICLR 2024)"))

@@ -16,14 +16,17 @@ import dataclasses
 import jax.numpy as jnp
 
 from dmc_jax.cache import eviction_common as ev
-from dmc_jax.cache.protocol import RopeFn
+from dmc_jax.cache import registry
+from dmc_jax.cache.protocol import RopeFn, RowOps
 from dmc_jax.errors import require
 from dmc_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class TOVACache:
+class TOVACache(RowOps):
     """Keeps the tokens the current query attends to most."""
+
+    layout = ev.LAYOUT
 
     budget: int = 256       # slots per layer, sequence and KV head
     per_head: bool = False  # the paper's policy is per layer (mean over heads); True: per KV head
@@ -55,3 +58,9 @@ class TOVACache:
 
     def stats(self, state, tokens_B):
         return ev.buffer_stats(state, tokens_B)
+
+
+registry.register(registry.MethodSpec(
+    name="tova", budgeted=True, defaults={"per_head": False}, legacy={"per_head": "tova_per_head"},
+    build=lambda s, hparams: TOVACache(budget=s.budget, per_head=s.per_head),
+    summary="drops the token the current query attends to least (Oren et al., 2024)"))

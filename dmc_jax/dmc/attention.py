@@ -60,8 +60,8 @@ def dmc_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, omega_BTK, positions_BT, 
         q_BTHD = q_BTHD.at[..., ch].multiply(jnp.asarray(post_rope_keep, q_BTHD.dtype))
     vhat_BTKD = vhat_BTKD.astype(v_BTKD.dtype)
     # XLA's masked attention with the T x T penalty, or the Pallas flash kernel that never builds it (on GPU).
-    out_BTHD = kernels.dmc_attention(q_BTHD, khat_BTKD, vhat_BTKD, alpha_BTK, z_BTK, segment_ids_BT, dmc,
-                                     kernels=dmc.kernels)
+    out_BTHD = kernels.key_penalty_attention(q_BTHD, khat_BTKD, vhat_BTKD, penalty_vector(alpha_BTK, z_BTK, dmc),
+                                             segment_ids_BT, kernels=dmc.kernels)
     return (out_BTHD, khat_BTKD, vhat_BTKD) if return_slots else out_BTHD
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dmc_jax.dmc.attention import DMCAttention
-from dmc_jax.dmc.config import DMCConfig
+from dmc_jax.dmc.config import DMCConfig, default_section, from_section, validate_section
 from dmc_jax.dmc.loss import compression_loss, compression_ratio, decision_stats, target_cr
 from dmc_jax.dmc.surgery import fade_factor, zero_decision_rows
 from dmc_jax.errors import UserError
@@ -84,43 +84,8 @@ class DMCObjective:
         return params
 
 
-def dmc_config(c: ml_collections.ConfigDict) -> DMCConfig:
-    """DMCConfig from the `dmc` config section (window 0 = unbounded)."""
-    return DMCConfig(decision_channel=c.decision_channel, decision_offset=c.decision_offset,
-                     temperature=c.temperature, importance_eps=c.importance_eps, window=c.window or None,
-                     zero_after_rope=c.zero_after_rope, kernels=c.get("kernels", "auto"))
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The `dmc` config section, reference defaults (DMC.md)."""
-    return ml_collections.ConfigDict(dict(
-        target_cr=2.0,            # CR* reached at the end of the retrofit stage
-        zero_out_steps=250,       # stage 1
-        retrofit_steps=6000,      # stage 2 (CR target ramp); stage 3 = the remaining train.steps
-        cr_loss_weight=1.0,
-        control=False,            # True: same recipe, every decision 'append' (the vanilla control)
-        decision_lr_scale=1.0,    # learning-rate factor of the decision/importance columns (1 = reference)
-        decision_channel=-1,      # -1 = last (reference); the paper's text says the first (0)
-        decision_offset=5.0,
-        temperature=0.1,
-        importance_eps=2.0 ** -7,
-        window=12,                # accumulation window; 0 = unbounded
-        zero_after_rope=True,     # reference convention (see dmc_jax/dmc/config.py)
-        kernels="auto",           # training attention: 'auto' (Pallas flash kernel on GPU, XLA elsewhere) | 'xla' | 'pallas'
-    ))
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-    if c.target_cr < 1.0:
-        raise UserError(f"dmc.target_cr must be >= 1; got {c.target_cr}")
-    for name in ("zero_out_steps", "retrofit_steps"):
-        if c[name] < 0:
-            raise UserError(f"dmc.{name} must be >= 0; got {c[name]}")
-    if c.cr_loss_weight < 0:
-        raise UserError(f"dmc.cr_loss_weight must be >= 0; got {c.cr_loss_weight}")
-    if not c.decision_lr_scale > 0:
-        raise UserError(f"dmc.decision_lr_scale must be > 0; got {c.decision_lr_scale}")
-    dmc_config(c)  # the dataclass checks the rest
+# The `dmc` section's schema lives with DMCConfig (the inference caches read it too); these names stay for callers.
+dmc_config, default_config, validate = from_section, default_section, validate_section
 
 
 def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMCObjective:
@@ -133,3 +98,13 @@ def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMCObject
                         zero_out_steps=int(c.zero_out_steps), retrofit_steps=int(c.retrofit_steps),
                         cr_loss_weight=float(c.cr_loss_weight), control=bool(c.control),
                         decision_lr_scale=float(c.decision_lr_scale))
+
+
+def eval_attention(section: ml_collections.ConfigDict, control: bool = False):
+    """The attention a DMC model is evaluated with after training: hard decisions (exactly what the cache keeps),
+    or, for the control, vanilla attention with the decision channel faded to 0 as it was trained."""
+    from dmc_jax.dmc.surgery import FadedChannelAttention
+
+    if control:
+        return FadedChannelAttention(from_section(section), 0.0)
+    return DMCAttention(from_section(section).replace(mode="hard"))

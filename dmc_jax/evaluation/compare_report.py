@@ -80,6 +80,13 @@ def winners(rows: list[dict]) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+def _trained(method: str) -> bool:
+    """A method models are trained for (DMC): its rows are retrofitted models, one per CR."""
+    from dmc_jax.cache import registry
+
+    return method in registry.names() and registry.get(method).trained is not None
+
+
 def plot_ppl(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -94,13 +101,13 @@ def plot_ppl(rows: list[dict], path: str) -> None:
             continue
         if r["model"] == "base" and r["method"] != "dense":
             series.setdefault(r["method"], []).append((r["bytes_cr"], r["ppl"]))
-        elif r["method"] in ("dmc", "dmc_paged"):  # one retrofitted model per CR: one line for DMC
-            series.setdefault(f"DMC retrofit ({r['method']})", []).append((r["bytes_cr"], r["ppl"]))
+        elif _trained(r["method"]):  # one retrofitted model per CR: one line per trained method
+            series.setdefault(f"{r['method']} retrofit", []).append((r["bytes_cr"], r["ppl"]))
     for name, pts in sorted(series.items()):
         pts = sorted(pts + [(1.0, dense[0]["ppl"])] if dense else pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     for r in rows:
-        if r["model"] != "base" and r.get("ppl") is not None and r["method"] not in ("dmc", "dmc_paged"):
+        if r["model"] != "base" and r.get("ppl") is not None and not _trained(r["method"]):
             ax.scatter([r["bytes_cr"]], [r["ppl"]], marker="*", s=120, label=f"{r['model']} ({r['method']})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # unconverted KV-head models can be orders of magnitude off

@@ -33,12 +33,14 @@ def cr_heatmap(cr_LK: np.ndarray, path: str, title: str) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    """The retrofit summary: one row per model (original, control, DMC) plus the DMC cache's generation."""
+    """The retrofit summary: one row per model (original, control, the trained method's) plus its cache's
+    generation."""
+    run = results.get("trained_run", "dmc")
     lines = [f"Held-out text: {results['heldout_tokens']} tokens ({', '.join(results['heldout_files'])}); "
              f"target CR {results['target_cr']}.", "",
              "| model | tokens trained | time in training steps | held-out perplexity | bits/byte | achieved CR |",
              "|---|---|---|---|---|---|"]
-    for name in ("original", "control", "dmc"):
+    for name in ("original", "control", run):
         if name not in results:
             continue
         r = results[name]
@@ -46,9 +48,9 @@ def markdown_table(results: dict) -> str:
         wall = f"{r['train']['training_seconds']:.0f} s" if "train" in r else "-"
         lines.append(f"| {name} | {trained} | {wall} | {r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | "
                      f"{r['compression_ratio']:.2f} |")
-    gen = results.get("dmc", {}).get("generation")
+    gen = results.get(run, {}).get("generation")
     if gen:
-        lines += ["", f"DMC cache during generation: {gen['tokens_seen']} tokens in {gen['slots_kept_mean']:.1f} "
+        lines += ["", f"{results.get('method', 'dmc')} cache during generation: {gen['tokens_seen']} tokens in {gen['slots_kept_mean']:.1f} "
                       f"slots per head on average (CR {gen['cache_cr']:.2f}); {gen['cache_bytes_allocated']:,} bytes "
                       f"allocated vs {gen['dense_cache_bytes_allocated']:,} for the dense cache.",
                   "", f"> {gen['prompt']}", "", gen["completion"]]

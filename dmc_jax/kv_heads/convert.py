@@ -69,6 +69,20 @@ def calibration_tokens(tokenizer, files: Sequence[str], sequences: int, seq_len:
     return np.stack([rows[i] for i in pick])
 
 
+def calibrate(c, params: Params, cfg: ModelConfig, tokenizer):
+    """The calibration Gram matrices of svd_a for the kv_heads section `c` (its files, rows and batch)."""
+    import time
+
+    files = [f.strip() for f in c.calib_files.split(",") if f.strip()] or default_calibration_files()
+    tokens = calibration_tokens(tokenizer, files, c.calib_sequences, c.calib_seq_len)
+    start = time.perf_counter()
+    batches = (tokens[i:i + c.calib_batch] for i in range(0, len(tokens), c.calib_batch))
+    grams = calibration_grams(params, cfg, batches, c.new_kv_heads)
+    print(f"[kv_heads] calibration on {tokens.shape[0]}x{tokens.shape[1]} tokens "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return grams
+
+
 def convert(cfg: ModelConfig, params: Params, method: str, new_kv_heads: int, rope: str = "B", rank: int = 0,
             tokens_NT: Optional[np.ndarray] = None, batch: int = 4, grams: Optional[dict] = None) -> Converted:
     """Converts (cfg, params) to new_kv_heads shared KV heads; svd_a needs calibration tokens [N, T] (or their

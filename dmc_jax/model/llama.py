@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dmc_jax.cache.protocol import CacheMethod, State
+from dmc_jax.errors import UserError
 from dmc_jax.model.attention import causal_mask, grouped_attention
 from dmc_jax.model.config import ModelConfig
 from dmc_jax.model import remat, shard
@@ -137,12 +138,17 @@ def forward(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, positions_BT
 
 
 def prefill(params: Params, tokens_BT: jax.Array, lengths_B: jax.Array, state: State, method: CacheMethod,
-            cfg: ModelConfig) -> tuple[jax.Array, State]:
-    """Runs right-padded prompts through `method`; returns the logits after each prompt's last token [B, V]."""
+            cfg: ModelConfig, starts_B: Optional[jax.Array] = None) -> tuple[jax.Array, State]:
+    """Runs right-padded prompts through `method`; returns the logits after each prompt's last token [B, V].
+    starts_B: the prompts continue rows that already hold starts_B tokens (methods with supports_prefill_start)."""
     rope = Rope(cfg)
+    if starts_B is not None and not getattr(method, "supports_prefill_start", False):
+        raise UserError(f"cache method {method.name} cannot continue rows already in its cache (prefill with a "
+                        f"start position); prefill whole sequences, or use a method that can (e.g. dense)")
+    extra = {} if starts_B is None else {"starts_B": starts_B}
 
     def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
-        return (*method.prefill(state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope), None)
+        return (*method.prefill(state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope, **extra), None)
 
     x_BTD, state, _ = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, state)
     last_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)

@@ -15,8 +15,7 @@ import ml_collections
 import numpy as np
 
 from dmc_jax.cache.protocol import state_bytes
-from dmc_jax.cache.registry import make_method
-from dmc_jax.dmc.export import method_sections
+from dmc_jax.cache import model_method
 from dmc_jax.inference.generate import GenerateConfig, decode_loop, prefill_and_sample
 
 
@@ -40,7 +39,7 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def run(config: ml_collections.ConfigDict, model) -> dict:
     b, cfg, params = config.bench, model.cfg, model.params
-    method = make_method(*method_sections(config))
+    method = model_method.make(config)
     text = "The quick brown fox jumps over the lazy dog. " * 200
     ids = model.tokenizer.encode(text)
     param_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))

@@ -8,8 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dmc_jax.cache.registry import make_method
-from dmc_jax.dmc.export import method_sections
+from dmc_jax.cache import model_method
 from dmc_jax.errors import UserError
 from dmc_jax.inference.generate import GenerateConfig, generate
 from dmc_jax.inference.sampling import SamplingConfig
@@ -40,7 +39,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     gen = GenerateConfig(max_new_tokens=g.max_new_tokens,
                          sampling=SamplingConfig(g.temperature, g.top_k, g.top_p),
                          stop_ids=tuple(tok.stop_ids), pad_id=0)
-    method = make_method(*method_sections(config))
+    method = model_method.make(config)
     start = time.perf_counter()
     out = generate(model.params, prompts, model.cfg, method, gen, jax.random.PRNGKey(config.seed))
     seconds = time.perf_counter() - start

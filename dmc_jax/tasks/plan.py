@@ -180,7 +180,10 @@ def analytic(cfg: ModelConfig, config) -> dict:
     F = cfg.mlp_dim // tp if cfg.mlp_dim % tp == 0 else cfg.mlp_dim
     Dh = cfg.head_dim
     Vt = V // tp if V % tp == 0 else V
-    dmc = config.train.objective == "dmc"
+    from dmc_jax.cache import registry
+
+    # A trained cache method's training form (DMC's) adds a [b, K, T, T] mask and fp32 partial accumulations.
+    dmc = registry.trained(config.train.objective) is not None
     layer_elems = {k: v for k, v in shards.items() if k.startswith("layers/")}
     # One layer's weights in the compute dtype after the all-gather over fsdp (still split over tensor).
     gathered = sum(n / L / max(s // sizes["fsdp"], 1) if s % sizes["fsdp"] == 0 else n / L / s

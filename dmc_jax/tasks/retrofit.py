@@ -1,12 +1,15 @@
-"""Task `retrofit` (the README's main job): DMC continued pretraining, the vanilla control, and their report.
+"""Task `retrofit` (the README's main job): train a model for a trained cache method, a control, and their report.
 
+retrofit.method names any cache method whose registry entry is trained (DMC: 'dmc'); its trained section (config.dmc)
+is the training objective and the hyper-parameters saved with the model.
     1. perplexity of the original model on held-out text (never trained on)
-    2. DMC retrofit (train.objective 'dmc': zero-out stage, CR ramp, fine-tune)   -> <run>/dmc
-    3. the vanilla control: the same recipe and tokens with every decision 'append' -> <run>/control
-    4. held-out perplexity and achieved compression (hard decisions, exactly what the DMC cache keeps) of both,
-       a generation through the real DMC cache with its bytes, report.md, cr_heatmap.png, results.json
-    5. the DMC model as a Hugging Face directory with its dmc_config.json                -> <run>/dmc/model
-       (serve or evaluate it: model.source=<run>/dmc/model cache.method=dmc_paged; task compare's extra_models)
+    2. the retrofit (train.objective = the trained section, e.g. DMC's zero-out stage, CR ramp, fine-tune) -> <run>/<section>
+    3. the control, when the method has one (its section's `control` field: DMC's vanilla control, the same recipe
+       and tokens with every decision 'append')                                                  -> <run>/control
+    4. held-out perplexity and achieved compression (hard decisions, exactly what the cache keeps) of both, a
+       generation through the method's real cache with its bytes, report.md, cr_heatmap.png, results.json
+    5. the model as a Hugging Face directory with its kv_method.json                            -> <run>/<section>/model
+       (serve or evaluate it: model.source=<run>/dmc/model brings its method; task compare's extra_models)
 
 Each training run resumes from its checkpoints when the task is run again with the same output_dir.
 """
@@ -21,13 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from dmc_jax.cache.dmc_padded import DMCPaddedCache
+from dmc_jax.cache import model_method, registry
 from dmc_jax.cache.protocol import state_bytes
 from dmc_jax.cache.dense import DenseCache
-from dmc_jax.dmc import export as dmc_export
-from dmc_jax.dmc.attention import DMCAttention
-from dmc_jax.dmc.objective import dmc_config
-from dmc_jax.dmc.surgery import FadedChannelAttention
 from dmc_jax.errors import UserError
 from dmc_jax.evaluation.perplexity import perplexity
 from dmc_jax.evaluation.text_files import read_text
@@ -39,13 +38,20 @@ from dmc_jax.tasks.evaluate import default_text_files
 from dmc_jax.training.objective import make_objective
 
 
+def method_of(config: ml_collections.ConfigDict) -> registry.MethodSpec:
+    """The cache method the retrofit trains (retrofit.method, default 'dmc')."""
+    return registry.get(config.retrofit.get("method", "dmc"))
+
+
 def _subrun(config: ml_collections.ConfigDict, name: str, control: bool) -> ml_collections.ConfigDict:
+    section = method_of(config).trained.section
     sub = copy.deepcopy(config)
     with sub.unlocked():
         sub.output_dir = os.path.join(config.output_dir, name)
         sub.checkpoint.dir = ""
-        sub.dmc.control = control
-        sub.train.objective = "dmc"
+        if "control" in sub[section]:
+            sub[section].control = control
+        sub.train.objective = section
     return sub
 
 
@@ -57,7 +63,7 @@ def _train(sub, model, host_params):
     summary = train_task.run(sub, run_model)
     summary["wall_seconds_this_call"] = time.perf_counter() - start
     summary["training_seconds"] = _training_seconds(summary["run_dir"])
-    params = train_task.final_params(sub, model.cfg, host_params, make_objective("dmc", sub, model.cfg), summary)
+    params = train_task.final_params(sub, model.cfg, host_params, make_objective(sub.train.objective, sub, model.cfg), summary)
     return params, summary
 
 
@@ -93,43 +99,61 @@ def _evaluate(params, ids, model, config, attention) -> dict:
     return res.to_dict() | {"seconds": time.perf_counter() - start}
 
 
+# The generation sample's cache: sized for the target CR with extra head room, merging rather than failing when a
+# head runs out of room (a model that has not reached its target would otherwise end the job after training).
+SAMPLE_SIZING = {"margin": 1.5, "on_overflow": "merge"}
+
+
 def _generate_sample(params, model, config) -> dict:
-    """A generation through the real padded DMC cache, and its bytes next to the dense cache's."""
+    """A generation through the method's real cache, and its bytes next to the dense cache's."""
     g, tok = config.generate, model.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": g.prompt}]) if g.chat else g.prompt
     prompt = tok.encode(text)
     gen = GenerateConfig(max_new_tokens=g.max_new_tokens, stop_ids=tuple(tok.stop_ids))
-    method = DMCPaddedCache(dmc_config(config.dmc), target_cr=config.dmc.target_cr, margin=1.5, on_overflow="merge")
+    spec = method_of(config)
+    hparams = config[spec.trained.section]
+    own = registry.method_section(config.get("cache") or ml_collections.ConfigDict(), spec.name)
+    overrides = {k: v for k, v in {**SAMPLE_SIZING, "target_cr": float(hparams.get("target_cr", 0.0))}.items()
+                 if k in own}
+    method = registry.build(spec.name, config.get("cache") or ml_collections.ConfigDict(), hparams, **overrides)
     out = generate(llama.unstack_layers(params), [prompt], model.cfg, method, gen, jax.random.PRNGKey(0))
+    stats = method.stats(out.state, out.lengths)
     seen = int(out.lengths[0])
-    kept = np.asarray(out.state["count"]).astype(float)
+    kept = np.asarray(stats["kept_LBK"]).astype(float)
     dense_bytes = state_bytes(DenseCache().init(model.cfg, 1, len(prompt) + g.max_new_tokens))
     return {"prompt": g.prompt, "completion": tok.decode(out.tokens[0]), "tokens_seen": seen,
             "slots_kept_mean": float(kept.mean()), "cache_cr": seen / float(kept.mean()),
-            "cache_bytes_allocated": state_bytes(out.state), "dense_cache_bytes_allocated": dense_bytes,
-            "overflow_merges": int(np.asarray(out.state["overflow"]).sum())}
+            "cache_bytes_allocated": int(stats["bytes_allocated"]), "dense_cache_bytes_allocated": dense_bytes,
+            "overflow_merges": int(np.asarray(stats.get("overflow_LBK", 0)).sum())}
 
 
 def run(config: ml_collections.ConfigDict, model) -> dict:
     host_params = jax.device_get(model.params)  # every run starts from the original weights
     ids, files = _heldout_ids(config, model.tokenizer)
     print(f"held-out text: {len(ids)} tokens from {', '.join(os.path.basename(f) for f in files)}")
-    results = {"heldout_files": files, "heldout_tokens": len(ids), "target_cr": config.dmc.target_cr}
+    spec = method_of(config)
+    trained = spec.trained
+    hparams = config[trained.section]
+    results = {"heldout_files": files, "heldout_tokens": len(ids), "method": spec.name,
+               "target_cr": hparams.get("target_cr")}
     results["original"] = _evaluate(host_params, ids, model, config, llama.causal_attention)
     print(f"original: perplexity {results['original']['perplexity']:.3f}")
-    runs = [("dmc", False)] + ([("control", True)] if config.retrofit.control else [])
-    hard = DMCAttention(dmc_config(config.dmc).replace(mode="hard"))
-    # The control is evaluated as it was trained: vanilla attention with the decision channel faded to 0 (its W_q/W_k
-    # columns are not used by the control and may have drifted after the surgery).
-    control_attention = FadedChannelAttention(dmc_config(config.dmc), 0.0)
+    has_control = "control" in hparams and config.retrofit.control
+    results["trained_run"] = trained.section  # the run's name: <run>/dmc for DMC
+    runs = [(trained.section, False)] + ([("control", True)] if has_control else [])
+    evaluate_with = registry.load_factory(trained.evaluate)
+    # Hard decisions: exactly what the cache keeps. The control is evaluated as it was trained (DMC: vanilla
+    # attention with the decision channel faded to 0; its unused W_q/W_k columns may have drifted after the surgery).
+    hard, control_attention = evaluate_with(hparams, False), (evaluate_with(hparams, True) if has_control else None)
     for name, control in runs:
         sub = _subrun(config, name, control)
         params, summary = _train(sub, model, host_params)
         row = _evaluate(params, ids, model, config, control_attention if control else hard)
         row.update(train=summary, tokens_trained=config.train.steps * config.data.batch_size * config.data.seq_len)
         if not control:  # the model first: a failed sample below must not cost the trained result
-            row["model_dir"] = dmc_export.save(os.path.join(sub.output_dir, "model"), model.cfg,
-                                               jax.device_get(params), model.tokenizer, sub.dmc)
+            row["model_dir"] = model_method.save(os.path.join(sub.output_dir, "model"), model.cfg,
+                                                 jax.device_get(params), model.tokenizer, trained.serve_method,
+                                                 sub[trained.section], config.get("cache"))
             print(f"{name}: model written to {row['model_dir']}")
             try:
                 row["generation"] = _generate_sample(params, model, config)
@@ -140,9 +164,9 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         print(f"{name}: perplexity {row['perplexity']:.3f}, compression ratio {row['compression_ratio']:.2f} "
               f"({summary['training_seconds']:.0f} s of training steps)")
     out_dir = config.output_dir
-    results["cr_heatmap"] = cr_heatmap(np.asarray(results["dmc"]["compression_ratio_layer_head"]),
+    results["cr_heatmap"] = cr_heatmap(np.asarray(results[trained.section]["compression_ratio_layer_head"]),
                                        os.path.join(out_dir, "cr_heatmap.png"),
-                                       f"DMC retrofit, target CR {config.dmc.target_cr}: held-out CR per layer x head")
+                                       f"{spec.name} retrofit, target CR {results['target_cr']}: held-out CR per layer x head")
     report = markdown_table(results)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(report)

@@ -63,12 +63,14 @@ def final_params(config, cfg, shapes, objective, summary):
 
 
 def export(config, model, host_params, path: str) -> str:
-    """A Hugging Face directory of host_params with the model's tokenizer (and dmc_config.json for DMC)."""
-    from dmc_jax.dmc import export as dmc_export
-    from dmc_jax.weights.hf_io import save_hf_dir, tokenizer_files_of
+    """A Hugging Face directory of host_params with the model's tokenizer and its kv_method.json: the trained
+    method's (objective = a trained section, e.g. 'dmc') or the method the run's cache section names."""
+    from dmc_jax.cache import model_method, registry
 
-    if config.train.objective == "dmc":
-        return dmc_export.save(path, model.cfg, host_params, model.tokenizer, config.dmc)
-    save_hf_dir(path, model.cfg, host_params, tokenizer_files=tokenizer_files_of(model.tokenizer),
-                overwrite=True)
-    return path
+    trained = registry.trained(config.train.objective)
+    if trained is not None:
+        return model_method.save(path, model.cfg, host_params, model.tokenizer, trained.serve_method,
+                                 config[trained.section], config.get("cache"))
+    resolved = model_method.resolve(config)
+    return model_method.save(path, model.cfg, host_params, model.tokenizer, resolved.name, resolved.hparams,
+                             config.get("cache"))

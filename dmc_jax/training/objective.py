@@ -9,7 +9,6 @@ is padding. Shape letters: B batch, T time, V vocab.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Optional, Protocol
 
 import jax
@@ -79,12 +78,18 @@ def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array,
     return (ce_BT * weights_BT).sum() / denom, {WEIGHT: count, "accuracy": (correct_BT * weights_BT).sum() / denom}
 
 
-# train.objective -> 'module:attribute' of a factory (config, model_cfg) -> Objective, imported on first use
-# (so this module imports no method). Add an entry for a new method, e.g. 'dmc': 'dmc_jax.dmc.objective:make'.
+# train.objective -> 'module:attribute' of a factory (config, model_cfg) -> Objective, imported on first use (so this
+# module imports no method). The objectives of trained cache methods (e.g. 'dmc') come from the method registry.
 OBJECTIVES = {
     "lm": "dmc_jax.training.objective:make_language_model",
-    "dmc": "dmc_jax.dmc.objective:make",
 }
+
+
+def objective_names() -> tuple:
+    """'lm' and every trained cache method's objective (its trained section's name, e.g. 'dmc')."""
+    from dmc_jax.cache import registry
+
+    return tuple(sorted({*OBJECTIVES, *registry.trained_sections()}))
 
 
 def make_language_model(config, cfg: ModelConfig) -> LanguageModelObjective:
@@ -94,8 +99,10 @@ def make_language_model(config, cfg: ModelConfig) -> LanguageModelObjective:
 
 def make_objective(name: str, config, cfg: ModelConfig) -> Objective:
     """The objective registered as `name`, built from the run config and the model config."""
-    if name not in OBJECTIVES:
-        raise UserError(f"train.objective must be one of {', '.join(sorted(OBJECTIVES))}; got {name!r}")
-    module, attr = OBJECTIVES[name].split(":")
-    factory: Callable = getattr(importlib.import_module(module), attr)
+    from dmc_jax.cache import registry
+
+    if name not in objective_names():
+        raise UserError(f"train.objective must be one of {', '.join(objective_names())}; got {name!r}")
+    path = OBJECTIVES[name] if name in OBJECTIVES else registry.trained(name).objective
+    factory: Callable = registry.load_factory(path)
     return factory(config, cfg)

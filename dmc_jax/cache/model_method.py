@@ -1,0 +1,164 @@
+"""A model directory's own cache method: one file, `kv_method.json`, next to config.json.
+
+    {"format": 1, "method": "dmc_paged", "hparams": {...the trained section, e.g. DMC's window, channel, offset,
+     target_cr...}, "cache": {...the method's own section when the model was written...}}
+
+transformers loads the weights of such a directory as an ordinary model; what it cannot know is how the cache reads
+them. Every task that builds a cache for model.source=<dir> resolves the method here (`resolve`): cache.method
+'auto' takes the directory's method, and a trained method (DMC, ...) always takes the hyper-parameters the model was
+trained with, so a model is never served with others. Directories written before this file carry
+`dmc_config.json` (DMC's section alone); they still load, as method 'dmc_paged'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import ml_collections
+
+from dmc_jax.cache import registry
+from dmc_jax.errors import UserError
+
+METHOD_FILE = "kv_method.json"
+LEGACY_DMC_FILE = "dmc_config.json"
+FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedMethod:
+    """What a model directory says about its cache method."""
+
+    method: str
+    hparams: Optional[ml_collections.ConfigDict]
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """The method a run uses: its name, the cache section to build it from and the trained hyper-parameters."""
+
+    name: str
+    cache: ml_collections.ConfigDict
+    hparams: Optional[ml_collections.ConfigDict]
+    from_model: bool = False  # hparams are the model directory's: a cache left unsized is sized for its trained CR
+
+    def make(self, **overrides):
+        spec = registry.get(self.name)
+        if (self.from_model and spec.sized_by_cr and "target_cr" not in overrides
+                and not registry.method_section(self.cache, self.name).get("target_cr", 0.0)):
+            overrides["target_cr"] = float(self.hparams.target_cr)
+        return registry.build(self.name, self.cache, self.hparams, **overrides)
+
+
+def save(path: str, cfg, params, tokenizer, method: str, hparams: Optional[ml_collections.ConfigDict] = None,
+         cache: Optional[ml_collections.ConfigDict] = None, overwrite: bool = True) -> str:
+    """Writes the HF directory (atomically, with the tokenizer and kv_method.json); returns its path."""
+    from dmc_jax.weights.hf_io import save_hf_dir, tokenizer_files_of
+
+    spec = registry.get(method)
+    if spec.trained is not None and hparams is None:
+        raise UserError(f"saving a model for the trained method {method!r} needs its '{spec.trained.section}' section")
+    body = {"format": FORMAT, "method": method,
+            "hparams": None if hparams is None else _plain(hparams),
+            "cache": _plain(registry.method_section(cache or ml_collections.ConfigDict(), method))}
+    files = tokenizer_files_of(tokenizer) | {METHOD_FILE: json.dumps(body, indent=2, sort_keys=True)}
+    save_hf_dir(path, cfg, params, tokenizer_files=files, overwrite=overwrite)
+    return path
+
+
+def _plain(section) -> dict:
+    return json.loads(json.dumps(section.to_dict() if hasattr(section, "to_dict") else dict(section), default=list))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-export the model (task retrofit or train.export_dir)") \
+            from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} must hold a JSON object; got {type(value).__name__}")
+    return value
+
+
+def checked_hparams(saved: dict, section_name: str, path: str) -> ml_collections.ConfigDict:
+    """The trained section's defaults overridden by `saved`, every value of the default's type (an int where a
+    float is expected is accepted); a wrong type or unknown field names the file and the field."""
+    section = registry.trained_defaults(section_name)
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: 'hparams' must be an object of {section_name} fields; got {saved!r}")
+    unknown = sorted(set(saved) - set(section))
+    if unknown:
+        raise UserError(f"{path} has fields this version does not know ({', '.join(unknown)}); "
+                        f"upgrade dmc_jax or remove them")
+    for field, value in saved.items():
+        want = section[field]
+        ok = (isinstance(value, bool) if isinstance(want, bool)
+              else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(want, float)
+              else isinstance(value, type(want)) and not isinstance(value, bool) if isinstance(want, int)
+              else isinstance(value, type(want)) if want is not None else True)
+        if not ok:
+            raise UserError(f"{path}: field {field!r} must be a {type(want).__name__}; got {value!r} "
+                            f"(re-export the model or fix the file)")
+        section[field] = float(value) if isinstance(want, float) else value
+    t = registry.trained(section_name)
+    try:
+        t.validate(section)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return section
+
+
+def read(source) -> Optional[SavedMethod]:
+    """The method saved with the model at `source` (a directory), or None if it has none."""
+    if not isinstance(source, str):
+        return None
+    folder = os.path.expanduser(source)
+    path = os.path.join(folder, METHOD_FILE)
+    if os.path.isfile(path):
+        body = _read_json(path)
+        method = body.get("method")
+        if not isinstance(method, str):
+            raise UserError(f"{path}: 'method' must be a cache method name; got {method!r}")
+        try:
+            spec = registry.get(method)
+        except UserError:
+            raise UserError(f"{path} names cache method {method!r}, which this installation does not have; "
+                            f"known: {', '.join(registry.names())}") from None
+        hparams = None
+        if spec.trained is not None:
+            hparams = checked_hparams(body.get("hparams") or {}, spec.trained.section, path)
+        return SavedMethod(method, hparams, path)
+    legacy = os.path.join(folder, LEGACY_DMC_FILE)
+    if os.path.isfile(legacy):
+        return SavedMethod("dmc_paged", checked_hparams(_read_json(legacy), "dmc", legacy), legacy)
+    return None
+
+
+def resolve(config: ml_collections.ConfigDict, method: Optional[str] = None) -> Resolved:
+    """The method of a run: `method` or config.cache.method ('auto' = the model directory's, else dense); a trained
+    method takes the model directory's hyper-parameters when it was trained for the same section, else the config's
+    section (e.g. config.dmc), else that section's defaults."""
+    saved = read(config.model.source) if "model" in config else None
+    cache = config.get("cache") or ml_collections.ConfigDict()
+    name = method or cache.get("method", registry.AUTO)
+    if name == registry.AUTO:
+        name = saved.method if saved is not None else "dense"
+    spec = registry.get(name)
+    hparams, from_model = None, False
+    if spec.trained is not None:
+        section = spec.trained.section
+        if saved is not None and saved.hparams is not None and registry.get(saved.method).trained.section == section:
+            hparams, from_model = saved.hparams, True
+        elif section in config:
+            hparams = config[section]
+    return Resolved(name, cache, hparams, from_model)
+
+
+def make(config: ml_collections.ConfigDict):
+    """The cache method of a run (see resolve)."""
+    return resolve(config).make()

@@ -1,0 +1,97 @@
+"""Compare's rows on disk: each row keyed 'model|method|CR', rows.json rewritten after every row, and a rerun with
+the same settings reusing the rows already measured (compare.resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from dmc_jax.evaluation import compare_report
+
+
+def plain(x):
+    """JSON-ready copy: numpy scalars and arrays become Python numbers and lists."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if hasattr(x, "tolist"):  # numpy and jax arrays and scalars
+        return plain(x.tolist())
+    return x
+
+
+def row_key(key: tuple) -> str:
+    """'model|method|nominal CR' (CR '-' when none: adaptive methods, KV-head conversions)."""
+    label, method, ratio = key
+    return f"{label}|{method}|{'-' if ratio is None else format(float(ratio), 'g')}"
+
+
+ROWS_FILE = "rows.json"
+# Settings that change what a row measures: a resumed run reuses rows only if these are unchanged.
+MEASURE_FIELDS = ("evals", "text_files", "context", "prefix", "ppl_sequences", "passkey_lengths", "passkey_depths",
+                  "passkey_trials", "mc_tasks", "mc_items", "mc_context", "min_budget")
+
+
+def measure_settings(config) -> dict:
+    """Everything that changes what a row measures (JSON-normalised)."""
+    want = {"compare": {k: config.compare[k] for k in MEASURE_FIELDS}, "cache": config.cache.to_dict(),
+            "kv_heads": config.kv_heads.to_dict(), "model": config.model.to_dict(), "seed": config.seed}
+    return json.loads(json.dumps(want, default=list))
+
+
+def previous_rows(config) -> dict:
+    """{row key: row} of <output_dir>/rows.json (written after every row) when it was measured with the same
+    settings, else {}."""
+    path = os.path.join(config.output_dir, ROWS_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        old = json.load(open(path))
+    except (OSError, json.JSONDecodeError):
+        print(f"[compare] {path} is unreadable; measuring every row again (it will be replaced)", flush=True)
+        return {}
+    if old.get("settings") != measure_settings(config):
+        print(f"[compare] {path} was measured with other settings; measuring every row again", flush=True)
+        return {}
+    return {r["key"]: r for r in old.get("rows", []) if r.get("key") and not r.get("ppl_skipped")}
+
+
+class Rows(list):
+    """The rows so far; the table is rewritten after each one so a long run shows partial results. With rows of an
+    earlier run with the same settings (compare.resume), a row already measured is taken from there."""
+
+    def __init__(self, out_dir: str, mc_tasks, settings: dict, previous: Optional[dict] = None):
+        super().__init__()
+        self.out_dir, self.mc_tasks, self.settings, self.previous = out_dir, mc_tasks, settings, previous or {}
+
+    def write(self) -> dict:
+
+        dense_bytes = self[0].get("bytes_per_seq") if self else None
+        for r in self:
+            if r.get("bytes_per_seq") and dense_bytes:
+                r["bytes_cr"] = dense_bytes / r["bytes_per_seq"]
+        path = os.path.join(self.out_dir, ROWS_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"settings": self.settings, "rows": plain(list(self))}, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return compare_report.write_all(self.out_dir, list(self), self.mc_tasks)
+
+    def reuse(self, key: tuple) -> bool:
+        """Appends the earlier run's row for key, if there is one."""
+        row = self.previous.get(row_key(key))
+        if row is None:
+            return False
+        print(f"[compare] {row_key(key)}: measured in the earlier run, reused", flush=True)
+        self.append(row)
+        return True
+
+    def add(self, key: tuple, measure) -> None:
+        if not self.reuse(key):
+            row = measure()
+            row["key"] = row_key(key)
+            self.append(row)
+
+    def append(self, row) -> None:
+        super().append(row)
+        self.write()
