@@ -25,7 +25,7 @@ def get_config():
 
     c.cache = ml_collections.ConfigDict()
     c.cache.method = "dense"        # dense | streaming_llm | h2o | tova | snapkv | corm | corm_capped | dmc | dmc_paged
-    # Eviction policies (docs: /work/shared/docs/BASELINES.md); budget = KV slots per layer, sequence and KV head.
+    # Eviction policies (docs/methods/baselines.md); budget = KV slots per layer, sequence and KV head.
     c.cache.budget = 256                 # the buffer allocated (not corm, whose size is adaptive)
     c.cache.n_sink = 4                   # streaming_llm: initial tokens always kept (attention sinks)
     c.cache.h2o_recent_ratio = 0.5       # h2o: share of the budget for recent tokens, the rest heavy hitters

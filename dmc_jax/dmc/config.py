@@ -1,4 +1,4 @@
-"""DMC hyper-parameters (../shared/docs/DMC.md); defaults follow the authors' reference implementation."""
+"""DMC hyper-parameters (docs/methods/dmc.md); defaults follow the authors' reference implementation."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class DMCConfig:
     window: accumulation window w (a slot averages at most the last w tokens of its run); None = unbounded.
     mode: 'train' (relaxed decisions with logistic noise), 'hard' (0/1 decisions, straight-through gradient),
         'append' (every alpha forced to 0: DMC reduces to the vanilla model).
-    zero_after_rope: also zero channel ch of q and k after RoPE (the reference convention, DMC.md). Zeroing
+    zero_after_rope: also zero channel ch of q and k after RoPE (the reference convention, docs/methods/dmc.md). Zeroing
         before RoPE already removes the channel from q.k; zeroing after it as well also drops the RoPE partner
         channel's sine term, so with True an all-append DMC model differs slightly from the vanilla model with the
         same weights; with False it equals it bitwise.

@@ -92,7 +92,7 @@ def dmc_config(c: ml_collections.ConfigDict) -> DMCConfig:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The `dmc` config section, reference defaults (DMC.md)."""
+    """The `dmc` config section, reference defaults (docs/methods/dmc.md)."""
     return ml_collections.ConfigDict(dict(
         target_cr=2.0,            # CR* reached at the end of the retrofit stage
         zero_out_steps=250,       # stage 1
