@@ -17,12 +17,12 @@ default recent share 0.5 and with 0 to be closer to kvpress's rule).
 Four steps (kvpress is never a dmc_jax dependency; it lives in the fixture environment only):
     .venv/bin/python benchmarks/kvpress_compare.py ids     --out runs/kvpress_compare   # the shared token ids
     .venv/bin/python benchmarks/kvpress_compare.py ours    --out runs/kvpress_compare   # our numbers
-    /work/fixture_env/bin/python benchmarks/kvpress_compare.py kvpress --out runs/kvpress_compare
+    ~/fixture_env/bin/python benchmarks/kvpress_compare.py kvpress --out runs/kvpress_compare
     .venv/bin/python benchmarks/kvpress_compare.py report  --out runs/kvpress_compare   # table.md
 
 Passkey retrieval in the same setting: benchmarks/kvpress_passkey.py.
 
-Install kvpress there with `/work/fixture_env/bin/pip install --no-deps kvpress==0.5.5 cachetools==5.5.2` plus
+Install kvpress there with `~/fixture_env/bin/pip install --no-deps kvpress==0.5.5 cachetools==5.5.2` plus
 `pip install datasets fire peft -c <pip freeze of the env>` (its declared pins want transformers<5.3; 0.5.5
 imports and runs with the env's transformers 5.23, the deps are installed against the frozen versions so
 nothing already there moves).

@@ -8,7 +8,7 @@ appended (our side grows the buffer by 6; kvpress decodes outside the press with
 write the answer token ids; the report decodes and judges both with our tokenizer and passkey rule:
     .venv/bin/python benchmarks/kvpress_passkey.py ids     --out runs/kvpress_compare
     .venv/bin/python benchmarks/kvpress_passkey.py ours    --out runs/kvpress_compare  # a compile per row
-    /work/fixture_env/bin/python benchmarks/kvpress_passkey.py kvpress --out runs/kvpress_compare
+    ~/fixture_env/bin/python benchmarks/kvpress_passkey.py kvpress --out runs/kvpress_compare
     .venv/bin/python benchmarks/kvpress_passkey.py report  --out runs/kvpress_compare  # passkey_table.md
 Both sides add to an earlier passkey_<side>.json on the same prompts (--methods / --ratios pick the rows).
 Models, methods and helpers are kvpress_compare.py's (the same GGUF, presses and cache configs).

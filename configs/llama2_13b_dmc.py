@@ -1,4 +1,5 @@
-"""Llama 2 13B DMC retrofit on GPUs with the reference recipe (DMC.md), for CR 2, 4 or 8 (configs/llama2_7b_dmc.py).
+"""Llama 2 13B DMC retrofit on GPUs with the reference recipe (docs/methods/dmc.md), for CR 2, 4 or 8
+(configs/llama2_7b_dmc.py).
 
 python -m dmc_jax.main --config configs/llama2_13b_dmc.py:cr4 --config.model.source=/path/to/Llama-2-13b-hf \\
     --config.output_dir=/checkpoints/llama2-13b-dmc-cr4

@@ -1,4 +1,4 @@
-"""Llama 2 70B DMC retrofit on H100 GPUs with the reference recipe (DMC.md), for CR 2, 4 or 8.
+"""Llama 2 70B DMC retrofit on H100 GPUs with the reference recipe (docs/methods/dmc.md), for CR 2, 4 or 8.
 
 python -m dmc_jax.main --config configs/llama2_70b_dmc.py:cr4 --config.task=plan     # memory per GPU, no GPU needed
 sbatch --nodes=8 launch/slurm_train.sbatch configs/llama2_70b_dmc.py:cr4 /checkpoints/llama2-70b-dmc-cr4 \\

@@ -1,4 +1,4 @@
-"""Llama 2 7B DMC retrofit on GPUs with the reference recipe (DMC.md), for CR 2, 4 or 8.
+"""Llama 2 7B DMC retrofit on GPUs with the reference recipe (docs/methods/dmc.md), for CR 2, 4 or 8.
 
 python -m dmc_jax.main --config configs/llama2_7b_dmc.py:cr4 --config.model.source=/path/to/Llama-2-7b-hf \\
     --config.output_dir=/checkpoints/llama2-7b-dmc-cr4

@@ -1,4 +1,5 @@
-"""Llama 3 8B DMC retrofit on GPUs with the reference recipe (DMC.md), for CR 2, 4 or 8 (configs/llama2_7b_dmc.py).
+"""Llama 3 8B DMC retrofit on GPUs with the reference recipe (docs/methods/dmc.md), for CR 2, 4 or 8
+(configs/llama2_7b_dmc.py).
 
 python -m dmc_jax.main --config configs/llama3_8b_dmc.py:cr4 --config.model.source=/path/to/Meta-Llama-3-8B \\
     --config.output_dir=/checkpoints/llama3-8b-dmc-cr4

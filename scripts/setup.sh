@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 find_python() {
   local candidate
   for candidate in "${PYTHON:-}" python3.12 "$(pyenv root 2>/dev/null)/versions/"3.12*/bin/python3.12 \
-                   /root/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do
+                   "${HOME:-}"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do
     [ -n "$candidate" ] || continue
     if "$candidate" -c 'import sys; assert sys.version_info[:2] >= (3, 12)' >/dev/null 2>&1; then
       echo "$candidate"; return 0

@@ -1,4 +1,4 @@
-"""DMC's compression objective and schedule (DMC.md).
+"""DMC's compression objective and schedule (docs/methods/dmc.md).
 
 l_CR = mean over sequences b of max(0, (1 - 1/CR_target) - alpha_bar_b), alpha_bar_b the mean straight-through
 decision over layers, KV heads and (real) time steps: one-sided, compressing beyond the target is free.
