@@ -8,7 +8,7 @@ from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
-         "compare")
+         "compare", "convert_megatron")
 CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped", "dmc", "dmc_paged")
 
 
@@ -83,6 +83,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.task == "compare":
             from dmc_jax.evaluation.compare_options import validate as validate_compare
             validate_compare(config.compare)
+    if config.task == "convert_megatron":
+        _sections(config, ("convert",))
+        from dmc_jax.weights.convert_options import validate as validate_convert  # the section validates itself
+        validate_convert(config.convert)
     if config.task in ("train", "retrofit", "plan"):
         _sections(config, ("data", "train", "optim", "checkpoint"))
         _validate_training(config)
