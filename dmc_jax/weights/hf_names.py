@@ -86,14 +86,21 @@ def _our_to_hf(w: np.ndarray, n_in: int) -> np.ndarray:
     return out_OxI
 
 
+def hf_sources(cfg: ModelConfig, params: Params) -> Dict[str, tuple]:
+    """{HF name: (our array or layer slice, leading "in" axes)}: what `hf_tensor` turns into that HF tensor. The
+    writer makes one shard's tensors at a time from these, so exporting never holds a second copy of the model."""
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    return {name: (flat[path] if i is None else flat[path][i], n_in) for path, i, name, _, n_in in _entries(cfg)}
+
+
+def hf_tensor(source: tuple) -> np.ndarray:
+    """The HF tensor of one hf_sources entry (a transposed copy for linears)."""
+    return _our_to_hf(*source)
+
+
 def to_hf(cfg: ModelConfig, params: Params) -> Dict[str, np.ndarray]:
     """Our params -> {HF name: array} (dtype kept; lm_head omitted when tied, as transformers saves it)."""
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-    out = {}
-    for path, i, name, _, n_in in _entries(cfg):
-        w = flat[path] if i is None else flat[path][i]
-        out[name] = _our_to_hf(w, n_in)
-    return out
+    return {name: hf_tensor(src) for name, src in hf_sources(cfg, params).items()}
 
 
 def from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], source: str = "checkpoint") -> Params:
