@@ -92,15 +92,17 @@ def test_reader_refuses_extension_opcodes_and_attribute_writes_on_classes(tmp_pa
         torch_zip.load(str(build))
 
 
-def test_reader_refuses_tensors_outside_their_storage_and_broken_files(tmp_path):
-    def payload(size, stride, offset=0):
-        """Hand-written protocol-2 pickle of _rebuild_tensor_v2(<4-float storage>, offset, size, stride, ...)."""
-        return (b"\x80\x02" + _global("torch._utils", "_rebuild_tensor_v2") + b"(" +
-                b"(X\x07\x00\x00\x00storage" + _global("torch", "FloatStorage") +
-                b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ" +  # persistent id ('storage', cls, '0', 'cpu', 4)
-                b"K" + bytes([offset]) + pickle.dumps(tuple(size), 2)[2:-1] + pickle.dumps(tuple(stride), 2)[2:-1] +
-                b"\x89}tR.")
+def _tensor_pickle(size, stride, offset=0, tail=b"."):
+    """Hand-written protocol-2 pickle of _rebuild_tensor_v2(<4-float storage '0'>, offset, size, stride, ...)."""
+    return (b"\x80\x02" + _global("torch._utils", "_rebuild_tensor_v2") + b"(" +
+            b"(X\x07\x00\x00\x00storage" + _global("torch", "FloatStorage") +
+            b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ" +  # persistent id ('storage', cls, '0', 'cpu', 4)
+            b"K" + bytes([offset]) + pickle.dumps(tuple(size), 2)[2:-1] + pickle.dumps(tuple(stride), 2)[2:-1] +
+            b"\x89}tR" + tail)
 
+
+def test_reader_refuses_tensors_outside_their_storage_and_broken_files(tmp_path):
+    payload = _tensor_pickle
     data = np.arange(4, dtype=np.float32).tobytes()
     ok = _torch_zip(tmp_path / "ok.pt", payload((2, 2), (2, 1)), {"0": data})
     np.testing.assert_array_equal(torch_zip.load(str(ok)), [[0, 1], [2, 3]])
@@ -108,6 +110,10 @@ def test_reader_refuses_tensors_outside_their_storage_and_broken_files(tmp_path)
         bad = _torch_zip(tmp_path / "bad.pt", payload(size, stride, offset), {"0": data})
         with pytest.raises(UserError, match="reaching element|corrupt"):
             torch_zip.load(str(bad))
+    # BUILD on a tensor would hand numpy's __setstate__ a new buffer: refused
+    swap = _torch_zip(tmp_path / "swap.pt", _tensor_pickle((2, 2), (2, 1), tail=b"}b."), {"0": data})
+    with pytest.raises(UserError, match="sets attributes"):
+        torch_zip.load(str(swap))
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(UserError, match="not a readable zip"):
         torch_zip.load(str(tmp_path / "junk.pt"))

@@ -18,6 +18,8 @@ import pickle
 import types
 from typing import Any, Callable, Dict, Tuple
 
+import numpy as np
+
 from dmc_jax.errors import UserError
 
 # torch dtype name (as pickled: GLOBAL torch <name>) -> numpy-style dtype name
@@ -154,7 +156,8 @@ class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcode
     def load_build(self):
         # BUILD sets attributes; on a class or function (our stand-ins) that would rewrite them: data only.
         target = self.stack[-2] if len(self.stack) > 1 else None
-        if isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, str)):
+        if isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, str,
+                               np.ndarray)):  # an ndarray's __setstate__ would swap a tensor's buffer
             raise UserError(f"{self.source} sets attributes on {getattr(target, '__name__', type(target).__name__)} "
                             f"in its pickle, which a weights checkpoint never does; refusing to load it")
         super().load_build()
