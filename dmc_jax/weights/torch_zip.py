@@ -19,7 +19,7 @@ import struct
 import zipfile
 from typing import Any, Dict
 
-import ml_dtypes
+import jax.numpy as jnp  # its bfloat16 / float8 types are numpy dtypes (ml_dtypes, which jax brings)
 import numpy as np
 
 from dmc_jax.errors import UserError
@@ -28,14 +28,14 @@ from dmc_jax.weights.safe_unpickle import Hooks, TorchDType, safe_load
 # legacy typed storage classes (what torch.save pickles) -> numpy dtype
 STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "BFloat16Storage": jnp.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
     "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
-    "Float8_e4m3fnStorage": ml_dtypes.float8_e4m3fn, "Float8_e5m2Storage": ml_dtypes.float8_e5m2,
+    "Float8_e4m3fnStorage": jnp.float8_e4m3fn, "Float8_e5m2Storage": jnp.float8_e5m2,
     "UntypedStorage": np.uint8,
 }
-_NP_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-              "float8_e5m2": ml_dtypes.float8_e5m2}
+_NP_DTYPES = {"bfloat16": jnp.bfloat16, "float8_e4m3fn": jnp.float8_e4m3fn,
+              "float8_e5m2": jnp.float8_e5m2}
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # ZIP local file header (30 bytes)
 
 
