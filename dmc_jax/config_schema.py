@@ -8,7 +8,7 @@ from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
-         "compare", "methods")
+         "compare", "methods", "convert_megatron")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -80,6 +80,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.task == "compare":
             from dmc_jax.evaluation.compare_options import validate as validate_compare
             validate_compare(config.compare)
+    if config.task == "convert_megatron":
+        _sections(config, ("convert",))
+        from dmc_jax.weights.convert_options import validate as validate_convert  # the section validates itself
+        validate_convert(config.convert)
     if config.task in ("train", "retrofit", "plan"):
         _sections(config, ("data", "train", "optim", "checkpoint"))
         _validate_training(config)

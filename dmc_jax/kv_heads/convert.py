@@ -123,6 +123,8 @@ def convert_from_config(c, cfg: ModelConfig, params: Params, tokenizer, method: 
     """convert() with the fields of a `kv_heads` config section (calibration text read only when needed);
     method / rope override the section's."""
     method, rope = method or c.method, rope or c.rope
+    if cfg.qk_norm:  # pooled / projected W_k would be followed by a norm computed on the original heads
+        raise UserError("KV-head conversion does not support models with per-head q/k norms (Qwen3) yet")
     tokens = None
     if method == "svd_a" and grams is None:
         files = [f.strip() for f in c.calib_files.split(",") if f.strip()] or default_calibration_files()

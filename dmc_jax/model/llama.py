@@ -76,6 +76,9 @@ def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: Att
         q_BTHD = jnp.einsum("btd,dhk->bthk", h_BTD, w["q"])
         k_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["k"])
         v_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["v"])
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before the cache method sees them
+            q_BTHD = rms_norm(q_BTHD, w["q_norm"], cfg.norm_eps)
+            k_BTKD = rms_norm(k_BTKD, w["k_norm"], cfg.norm_eps)
         attn_BTHD, state, aux = attend(layer, q_BTHD, k_BTKD, v_BTKD, state)
         x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_BTHD, w["o"])
         h_BTD = rms_norm(x_BTD, w["mlp_norm"], cfg.norm_eps)

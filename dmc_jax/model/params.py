@@ -10,6 +10,8 @@ stacked on a leading `layers` axis so the forward pass can `jax.lax.scan` over t
     layers/v               L x D x K x Dh (layers, embed, kv_heads, head_dim)
     layers/o               L x H x Dh x D (layers, heads, head_dim, embed)
     layers/mlp_norm        L x D          (layers, embed)
+    layers/q_norm          L x Dh         (layers, head_dim)  only with cfg.qk_norm (Qwen3), shared by all heads
+    layers/k_norm          L x Dh         (layers, head_dim)  only with cfg.qk_norm
     layers/gate            L x D x F      (layers, embed, mlp)
     layers/up              L x D x F      (layers, embed, mlp)
     layers/down            L x F x D      (layers, mlp, embed)
@@ -50,6 +52,9 @@ def param_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
         "layers/down": ((L, F, D), ("layers", "mlp", "embed")),
         "final_norm": ((D,), ("embed",)),
     }
+    if cfg.qk_norm:
+        spec["layers/q_norm"] = ((L, Dh), ("layers", "head_dim"))
+        spec["layers/k_norm"] = ((L, Dh), ("layers", "head_dim"))
     if not cfg.tie_embeddings:
         spec["lm_head"] = ((D, V), ("embed", "vocab"))
     return spec

@@ -96,15 +96,15 @@ def load_hf_dir(path: str) -> Tuple[ModelConfig, Params]:
     return cfg, hf_names.from_hf(cfg, _read_tensors(path, cfg), source=path)
 
 
-def _shards(tensors: Dict[str, np.ndarray], max_shard_bytes: int) -> list:
-    """Greedy split of tensors (in name order) into groups of at most max_shard_bytes (one tensor may exceed)."""
+def _shards(sizes: Dict[str, int], max_shard_bytes: int) -> list:
+    """Greedy split of tensors (in name order, by bytes) into groups of at most max_shard_bytes (one may exceed)."""
     groups, size = [[]], 0
-    for name, w in tensors.items():
-        if groups[-1] and size + w.nbytes > max_shard_bytes:
+    for name, nbytes in sizes.items():
+        if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
         groups[-1].append(name)
-        size += w.nbytes
+        size += nbytes
     return groups
 
 
@@ -132,24 +132,27 @@ def _write_tokenizer_files(tmp: str, tokenizer_files: Optional[TokenizerFiles]) 
 def _write_model(tmp: str, cfg: ModelConfig, params: Params, max_shard_bytes: int) -> None:
     from safetensors.numpy import save_file
 
-    tensors = hf_names.to_hf(cfg, params)
-    dtype = str(next(iter(tensors.values())).dtype)
+    sources = hf_names.hf_sources(cfg, params)  # each shard's tensors are made (transposed) just before writing
+    dtype = str(next(iter(sources.values()))[0].dtype)
     config = hf_names.config_to_hf(cfg, dtype=_DTYPE_NAMES.get(dtype, cfg.param_dtype))
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     generation = {k: v for k, v in (("bos_token_id", cfg.bos_id), ("eos_token_id", cfg.eos_id)) if v is not None}
     with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation, f, indent=2)
-    groups = _shards(tensors, max_shard_bytes)
+    sizes = {name: int(w.nbytes) for name, (w, _) in sources.items()}
+    groups = _shards(sizes, max_shard_bytes)
     if len(groups) == 1:
-        save_file(tensors, os.path.join(tmp, SINGLE), metadata={"format": "pt"})
+        save_file({n: hf_names.hf_tensor(s) for n, s in sources.items()}, os.path.join(tmp, SINGLE),
+                  metadata={"format": "pt"})
         return
     weight_map = {}
     for k, names in enumerate(groups):
         fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+        save_file({n: hf_names.hf_tensor(sources[n]) for n in names}, os.path.join(tmp, fname),
+                  metadata={"format": "pt"})
         weight_map.update({n: fname for n in names})
-    index = {"metadata": {"total_size": int(sum(w.nbytes for w in tensors.values()))}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": int(sum(sizes.values()))}, "weight_map": weight_map}
     with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
 

@@ -1,4 +1,4 @@
-"""The one mapping between our parameter pytree and Hugging Face Llama tensors and config.json.
+"""The one mapping between our parameter pytree and Hugging Face Llama / Qwen3 tensors and config.json.
 
 Letters: L layers, D embed, H query heads, K kv heads, Dh head dim, F mlp, V vocab. Hugging Face stores
 linear weights as [out, in]; we store [in, ...out] (see dmc_jax/model/params.py), so most tensors are a
@@ -33,7 +33,11 @@ LAYER_NAMES = {
     "layers/gate": ("mlp.gate_proj.weight", 1),
     "layers/up": ("mlp.up_proj.weight", 1),
     "layers/down": ("mlp.down_proj.weight", 1),
+    "layers/q_norm": ("self_attn.q_norm.weight", 0),  # Qwen3 only (cfg.qk_norm)
+    "layers/k_norm": ("self_attn.k_norm.weight", 0),
 }
+# model_type -> (our qk_norm, the architecture transformers builds); both are the same decoder otherwise
+MODEL_TYPES = {"llama": (False, "LlamaForCausalLM"), "qwen3": (True, "Qwen3ForCausalLM")}
 # HF tensors that carry no parameters (old checkpoints saved RoPE buffers)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -56,6 +60,8 @@ def _entries(cfg: ModelConfig):
         if path in spec:
             yield path, None, name, spec[path][0], n_in
     for path, (name, n_in) in LAYER_NAMES.items():
+        if path not in spec:
+            continue
         for i in range(cfg.num_layers):
             yield path, i, layer_name(i, name), spec[path][0][1:], n_in
 
@@ -80,14 +86,21 @@ def _our_to_hf(w: np.ndarray, n_in: int) -> np.ndarray:
     return out_OxI
 
 
+def hf_sources(cfg: ModelConfig, params: Params) -> Dict[str, tuple]:
+    """{HF name: (our array or layer slice, leading "in" axes)}: what `hf_tensor` turns into that HF tensor. The
+    writer makes one shard's tensors at a time from these, so exporting never holds a second copy of the model."""
+    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    return {name: (flat[path] if i is None else flat[path][i], n_in) for path, i, name, _, n_in in _entries(cfg)}
+
+
+def hf_tensor(source: tuple) -> np.ndarray:
+    """The HF tensor of one hf_sources entry (a transposed copy for linears)."""
+    return _our_to_hf(*source)
+
+
 def to_hf(cfg: ModelConfig, params: Params) -> Dict[str, np.ndarray]:
     """Our params -> {HF name: array} (dtype kept; lm_head omitted when tied, as transformers saves it)."""
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-    out = {}
-    for path, i, name, _, n_in in _entries(cfg):
-        w = flat[path] if i is None else flat[path][i]
-        out[name] = _our_to_hf(w, n_in)
-    return out
+    return {name: hf_tensor(src) for name, src in hf_sources(cfg, params).items()}
 
 
 def from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], source: str = "checkpoint") -> Params:
@@ -151,11 +164,13 @@ def _rope_scaling(d: Mapping[str, Any]):
 
 
 def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
-    """A Hugging Face Llama config.json dict -> ModelConfig; UserError for other architectures."""
+    """A Hugging Face Llama or Qwen3 config.json dict -> ModelConfig; UserError for other architectures."""
     model_type = d.get("model_type")
-    if model_type != "llama":
-        raise UserError(f"config.json has model_type {model_type!r}, not 'llama'; dmc_jax loads "
-                        f"Llama-family models only")
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"config.json has model_type {model_type!r}; dmc_jax loads Llama-family models only "
+                        f"(model_type {' or '.join(repr(t) for t in MODEL_TYPES)})")
+    if d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or ()):
+        raise UserError("config.json sets use_sliding_window=true; dmc_jax supports full attention only")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
             raise UserError(f"config.json lacks {key!r}; it is not a complete Llama config")
@@ -173,21 +188,23 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
         num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(head_dim),
         mlp_dim=int(d["intermediate_size"]), rope_theta=theta, rope_scaling=scaling,
         norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qk_norm=MODEL_TYPES[model_type][0],
         max_seq_len=int(d.get("max_position_embeddings", 2048)),
         param_dtype=dtype if dtype in DTYPES else "float32",
         bos_id=_first(d.get("bos_token_id")), eos_id=_first(d.get("eos_token_id")))
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> Dict[str, Any]:
-    """ModelConfig -> a config.json dict transformers' LlamaForCausalLM accepts."""
+    """ModelConfig -> a config.json dict transformers' LlamaForCausalLM (Qwen3ForCausalLM with qk_norm) accepts."""
     scaling = None
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
         scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                    "high_freq_factor": s.high_freq_factor,
                    "original_max_position_embeddings": s.original_max_position_embeddings}
+    model_type = "qwen3" if cfg.qk_norm else "llama"
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [MODEL_TYPES[model_type][1]], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",

@@ -52,6 +52,10 @@ def resolve(source: str, need_config: bool = True) -> tuple:
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         if need_config and not os.path.exists(os.path.join(path, "config.json")):
+            if any(os.path.exists(os.path.join(path, n)) for n in ("latest_checkpointed_iteration.txt", "mp_rank_00")):
+                raise UserError(f"{path} is a Megatron-LM checkpoint; convert it once with --config "
+                                f"configs/megatron_dmc.py --config.convert.source={path} --config.convert.output=<dir> "
+                                f"and use that directory")
             raise UserError(f"{path} has no config.json; give a Hugging Face model directory, a .gguf file or "
                             f"'{EMBEDDED}'")
         return "hf", path
