@@ -26,10 +26,11 @@ def _model():
 def _method(name):
     cache = ml_collections.ConfigDict({"method": name, "budget": 10, "snapkv": {"window": 4},
                                        "corm": {"window": 2, "recent": 4}, "corm_capped": {"window": 2, "recent": 4}})
-    hparams = None
-    if registry.get(name).trained is not None:
-        hparams = registry.trained_defaults("dmc")
-        hparams.update(dict(decision_offset=0.0, window=3))
+    hparams, trained = None, registry.get(name).trained
+    if trained is not None:
+        hparams = registry.trained_defaults(trained.section)
+        if trained.section == "dmc":  # offset 0: a mix of appends and merges on the random model
+            hparams.update(dict(decision_offset=0.0, window=3))
     return registry.build(name, cache, hparams)
 
 
@@ -50,8 +51,7 @@ def _run_alone(cfg, params, method, tokens_T, length, steps, max_tokens):
     return np.stack(out)
 
 
-@pytest.mark.parametrize("name", ["dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped", "dmc",
-                                  "dmc_paged"])
+@pytest.mark.parametrize("name", registry.names())  # every built-in method
 def test_a_freed_row_takes_a_new_prompt_and_no_row_depends_on_the_other(name):
     cfg, params = _model()
     method = _method(name)

@@ -19,6 +19,7 @@ from dmc_jax.cache.corm import CORMCache
 from dmc_jax.cache.dense import DenseCache
 from dmc_jax.cache.h2o import H2OCache
 from dmc_jax.cache.protocol import state_bytes
+from dmc_jax.cache import registry
 from dmc_jax.cache.registry import make_method
 from dmc_jax.cache.snapkv import SnapKVCache
 from dmc_jax.cache.streaming_llm import StreamingLLMCache
@@ -335,7 +336,8 @@ def _legacy_cache_config(method, **fields):
     return c
 
 
-METHODS = ("streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped")
+# Every registered training-free eviction method (the registry is the only list).
+METHODS = tuple(n for n in registry.names() if n != "dense" and registry.get(n).trained is None)
 
 
 @pytest.mark.parametrize("name", METHODS)

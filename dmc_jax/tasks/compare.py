@@ -4,7 +4,7 @@ Rows: the base model with the dense cache (CR 1) and with each eviction method a
 context / CR; CORM adaptive has no budget: one row at the CR its rule reaches); the base model converted to
 fewer KV heads (compare.kv_heads, with the dense cache); and compare.extra_models 'label|source|cache method':
 other models with a cache method, e.g. 'dmc|runs/r/dmc/model|dmc_paged' (task retrofit writes that directory
-with its dmc_config.json: one row at the CR the model was trained for, the pool sized by it) or an up-trained
+with its kv_method.json: one row at the CR the model was trained for, the pool sized by it) or an up-trained
 GQA model 'gqa|runs/g/uptrained|dense' (task train with train.export_dir). For each row:
     (a) perplexity of held-out text DECODED through the cache (dmc_jax.evaluation.decode_perplexity)
     (b) passkey retrieval by context length x depth (budget = length / CR)

@@ -4,7 +4,7 @@
         --config.convert.tokenizer=<Llama-2 HF dir> --config.convert.output=<out dir>
 
 The output is an ordinary model directory (config.json, safetensors, the tokenizer files) that every task accepts
-as model.source; a checkpoint from Megatron's DMC branch also gets its DMC hyper-parameters (dmc_config.json), so
+as model.source; a checkpoint from Megatron's DMC branch also gets its DMC hyper-parameters (kv_method.json), so
 `--config.cache.method=dmc_paged` serves it with the window, offset and CR it was trained with.
 """
 

@@ -3,7 +3,7 @@
 Prepares the corpus first if needed (idempotent), then runs dmc_jax.training.loop.train in <output_dir>:
 metrics.jsonl, tensorboard/, checkpoints/. Run again with the same output_dir to resume from the last checkpoint.
 With train.export_dir set, the final parameters are also written there as a Hugging Face directory (with
-dmc_config.json for the DMC objective), which every task loads as model.source (e.g. an up-trained GQA model).
+kv_method.json: the trained method of the objective, else the cache method), which every task loads as model.source (e.g. an up-trained GQA model).
 """
 
 from __future__ import annotations
