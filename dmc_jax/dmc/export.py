@@ -34,19 +34,11 @@ def section_for(source: str) -> Optional[ml_collections.ConfigDict]:
     path = os.path.join(os.path.expanduser(source), DMC_FILE) if isinstance(source, str) else ""
     if not path or not os.path.isfile(path):
         return None
-    from dmc_jax.dmc.objective import default_config
+    from dmc_jax.dmc.objective import default_config, validate
+    from dmc_jax.user_files import read_json, saved_section
 
-    try:
-        saved = json.load(open(path))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-export the model with task=retrofit") from None
-    section = default_config()
-    unknown = sorted(set(saved) - set(section))
-    if unknown:
-        raise UserError(f"{path} has fields this version does not know ({', '.join(unknown)}); "
-                        f"upgrade dmc_jax or remove them")
-    section.update(saved)
-    return section
+    return saved_section(path, read_json(path, "DMC file"), default_config(), validate,
+                         fix="re-export the model with task=retrofit")
 
 
 def method_sections(config: ml_collections.ConfigDict) -> tuple:
