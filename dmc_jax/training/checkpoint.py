@@ -155,7 +155,7 @@ class Checkpointer:
             step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
             if step < 0:
                 raise UserError(error or f"no intact checkpoint in {self.directory} (see process 0's error)")
-            self._mngr.reload()
+        self._mngr.reload()  # steps moved aside are gone from its list
         state, iterator, meta = self._restore(step, abstract_state, iterator, fingerprint)
         return Restored(step, state, iterator, meta.get("log"))
 
