@@ -7,7 +7,7 @@ one-line UserError naming the file (and the config field or saved field it came 
                                           a config section saved with a model (a method file such as
                                           dmc_config.json): unknown fields, wrong value types and bad values are
                                           blamed on the file and its field, not on a config field the user never set
-    probe_writable(path, what)            creates the directory and writes (and removes) a probe file, so an
+    probe_writable(path, what, field)     creates the directory and writes (and removes) a probe file, so an
                                           unwritable output is found at start, before any work
 """
 
@@ -99,10 +99,12 @@ def saved_section(path: str, saved: Any, defaults: ml_collections.ConfigDict,
     return section
 
 
-def probe_writable(path: str, what: str) -> None:
-    """Creates directory path if missing and checks that a file can be written in it (UserError naming it)."""
+def probe_writable(path: str, what: str, field: Optional[str] = None) -> None:
+    """Creates directory path if missing and checks that a file can be written in it (UserError naming it and the
+    config field that chose it, `what` unless given)."""
+    field = field or what
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{what} {path} exists and is not a directory; set {what} to a directory")
+        raise UserError(f"{what} {path} exists and is not a directory; set {field} to a directory")
     probe = os.path.join(path, f".write-probe-{socket.gethostname()}-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -110,5 +112,5 @@ def probe_writable(path: str, what: str) -> None:
             f.write("probe\n")
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to {what} {path} ({e.strerror}); make it writable or set {what} to another "
-                        f"path") from None
+        raise UserError(f"cannot write to {what} {path} ({e.strerror}); make it writable or set {field} to "
+                        f"another path") from None
