@@ -21,6 +21,7 @@ written by a run with a different fingerprint, is a one-line UserError.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any, Optional
@@ -40,7 +41,20 @@ _WHAT_TO_DO = ("move that step directory out of {dir} to resume from an earlier 
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
+    """The first line of e's message, its middle left out when long (the cause, e.g. 'No space left', is last)."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    return line if len(line) <= 240 else f"{line[:110]} ... {line[-120:]}"
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops orbax's ERROR log records (with tracebacks) of a failed background save: the failure reaches the
+    Checkpointer, which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
 
 
 @dataclasses.dataclass
@@ -92,13 +106,21 @@ class Checkpointer:
     def save(self, step: int, state: Any, iterator, fingerprint: dict, log: Optional[dict] = None) -> None:
         """Starts saving state (a pytree of arrays), the iterator's position and log (JSON: the loop's bookkeeping)
         as `step`; returns once the arrays are on the host (the write goes on in the background)."""
-        self._mngr.wait_until_finished()  # the previous save is sealed before _saving moves on
+        self.wait()  # the previous save is sealed before _saving moves on
         self._saving = int(step)
-        self._mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=data_ckpt.save_args(iterator),
-            meta=ocp.args.JsonSave({"step": int(step), "fingerprint": fingerprint, "log": log})), force=True)
+        try:
+            self._mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=data_ckpt.save_args(iterator),
+                meta=ocp.args.JsonSave({"step": int(step), "fingerprint": fingerprint, "log": log})), force=True)
+        except Exception as e:
+            raise self._failed(e) from None
         if not self._async:
-            self._mngr.wait_until_finished()
+            self.wait()
+
+    def _failed(self, e: Exception) -> UserError:
+        return UserError(f"saving checkpoint step {self._saving} in {self.directory} failed ({type(e).__name__}: "
+                         f"{_first_line(e)}); the checkpoints before it are intact: free space or fix the directory, "
+                         f"then run the same command to resume")
 
     def damage(self, step: int) -> Optional[str]:
         """None if step's files match the checksums written when it was committed, else what differs. A step
@@ -203,12 +225,17 @@ class Checkpointer:
         return restored["state"]
 
     def wait(self) -> None:
-        """Blocks until every started save is written."""
-        self._mngr.wait_until_finished()
+        """Blocks until every started save is written (UserError if writing it failed: a full disk, ...)."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
