@@ -5,7 +5,7 @@
 Reads config.train, config.optim, config.checkpoint, config.mesh (optional: 1 device) and config.seed. Each step
 feeds this process's rows [B, T] to a jitted update (params and optimizer state donated, shardings from the
 logical-axis rules); every checkpoint.every_steps steps a checkpoint is saved asynchronously; a run whose
-checkpoint directory holds checkpoints continues from the newest one, exactly (same parameters bit for bit as an
+checkpoint directory holds checkpoints continues from the newest intact one, exactly (same parameters bit for bit as an
 uninterrupted run on CPU). A loss or gradient norm that is not finite stops the run with a one-line
 TrainingDiverged; checkpoints from before are kept and none is written after.
 
@@ -17,8 +17,10 @@ resumed step that the dead run did not write is run first, and the final loss an
 it finished come from metrics.jsonl; so metrics.jsonl and results.json read as an uninterrupted run's. Ctrl-C stops
 with one line naming the step and the checkpoint to resume from (errors.Interrupted).
 
-    Trainer(config, model, objective, data).run()   the pieces: _resume, _open_log, _step, _finish, _log, _save,
-                                                    _evaluate, _summary (train() is this)
+train() is Trainer(config, model, objective, data).run(), in pieces with one job each: _resume (restore or
+initialize), _open_log (metrics file, progress bar, summary so far), _catch_up (a missed evaluation), _train_steps
+(the pipelined update loop), _step (dispatch one update), _finish (read and check its metrics), _after (log, save,
+evaluate), _interrupted (Ctrl-C), _summary.
 """
 
 from __future__ import annotations
@@ -300,46 +302,65 @@ class Trainer:
                        f"perplexity {self.last_eval['eval/perplexity']:.3f}")
 
     def _catch_up(self) -> None:
-        """The evaluation due at the resumed step, if the run that saved it died before writing it."""
-        if self.resumed_from and self._due(self.resumed_from)[2] and not any(
-                r.get("step") == self.resumed_from and "eval/loss" in r for r in self.writer.kept):
+        """The evaluation due at the resumed step, if the run that saved it died before writing it (process 0
+        decides from metrics.jsonl; every process evaluates)."""
+        need = bool(self.resumed_from and self._due(self.resumed_from)[2] and not any(
+            r.get("step") == self.resumed_from and "eval/loss" in r for r in self.writer.kept))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            need = bool(multihost_utils.broadcast_one_to_all(np.int32(need)))
+        if need:
             self._evaluate(self.resumed_from)
 
+    def _after(self, done: int, log: bool, save: bool, run_eval: bool) -> None:
+        """What is due after step `done`, in this order: its log row, its checkpoint, its evaluation."""
+        if log:
+            self._log(done)
+        if save:
+            self._save(done)
+        if run_eval:
+            self._evaluate(done)
+        self.window.pause()  # logging, saving and evaluating are not step time
+
+    def _train_steps(self) -> None:
+        """Steps start+1..train.steps; step s+1 is dispatched before step s's metrics are read, unless something
+        is due after s."""
+        on_step = getattr(self.objective, "on_step", None)
+        pending = None
+        for step in range(self.start, self.t.steps):
+            self.current = step + 1
+            started = self._step(step, on_step)
+            if pending is not None:
+                self._finish(pending)
+            pending = started
+            due = self._due(started[0])
+            if any(due):
+                self._finish(pending)
+                pending = None
+                self._after(started[0], *due)
+        if pending is not None:
+            self._finish(pending)
+
+    def _interrupted(self) -> Interrupted:
+        self.ckpt.wait()
+        where = (f"the last checkpoint is step {self.last_saved} in {self.ckpt.directory}; run the same command "
+                 f"again to resume from it" if self.last_saved is not None else
+                 "no checkpoint was written yet; run the same command again to start over")
+        return Interrupted(f"interrupted during training step {self.current} of {self.t.steps}; {where}")
+
     def run(self) -> dict:
-        """Steps start+1..train.steps; returns the summary."""
+        """Trains to train.steps; returns the summary. Closes the checkpointer (waits for the last save)."""
         self._open_log()
         print(f"training steps {self.start + 1}..{self.t.steps} on mesh {dict(self.s.mesh.shape)}; checkpoints in "
               f"{self.ckpt.directory}" + (f" (resumed from step {self.start})" if self.resumed_from else ""),
               flush=True)
-        on_step = getattr(self.objective, "on_step", None)
-        pending, step = None, self.start
+        self.current = self.start + 1
         try:
             self._catch_up()
-            for step in range(self.start, self.t.steps):
-                started = self._step(step, on_step)
-                if pending is not None:
-                    self._finish(pending)
-                pending = started
-                log, save, run_eval = self._due(started[0])
-                if not (log or save or run_eval):
-                    continue
-                self._finish(pending)
-                pending = None
-                if log:
-                    self._log(started[0])
-                if save:
-                    self._save(started[0])
-                if run_eval:
-                    self._evaluate(started[0])
-                self.window.pause()  # logging, saving and evaluating are not step time
-            if pending is not None:
-                self._finish(pending)
+            self._train_steps()
         except KeyboardInterrupt:
-            self.ckpt.wait()
-            where = (f"the last checkpoint is step {self.last_saved} in {self.ckpt.directory}; run the same command "
-                     f"again to resume from it" if self.last_saved is not None else
-                     "no checkpoint was written yet; run the same command again to start over")
-            raise Interrupted(f"interrupted during training step {step + 1} of {self.t.steps}; {where}") from None
+            raise self._interrupted() from None
         finally:
             self.bar.close()
             self.writer.close()
