@@ -1,6 +1,9 @@
 """The one place where the user's files are read and output locations checked: every way they go wrong is a
 one-line UserError naming the file (and the config field or saved field it came from), never a traceback.
 
+Prompt files, a model directory's JSON files (config.json, tokenizer and method files) and chat templates are read
+here; corpus and evaluation text go through data/text_files.py (gzip, document splitting) with the same checks.
+
     read_text(path, what)                 UTF-8 text (a prompt file, ...): missing, unreadable, binary, not UTF-8
     read_json(path, what)                 JSON: missing, unreadable, not UTF-8, not JSON
     saved_section(path, saved, defaults, validate)

@@ -126,3 +126,16 @@ def test_bad_input_is_one_line_and_exit_2(name, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert needle.replace("TMP", str(tmp_path)) in err, err
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", "x"), ("rms_norm_eps", None),
+                                          ("num_attention_heads", 0), ("hidden_size", [64])])
+def test_a_model_config_json_with_a_wrong_type_is_one_line(field, value):
+    from dmc_jax.errors import UserError
+    from dmc_jax.weights.hf_names import config_from_hf
+
+    d = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4, field: value}
+    with pytest.raises(UserError, match="config.json has a field of the wrong type") as err:
+        config_from_hf(d)
+    assert "\n" not in str(err.value)
