@@ -2,7 +2,6 @@
 (no test here; tests/test_reliability.py starts it). KILL_AT=point:step, point one of:
 
     seal       while the checkpoint of `step` is being committed (every file written, not yet renamed into place)
-    saved      right after the save of `step` started (the write still in flight)
     committed  after the checkpoint of `step` is committed, before its evaluation runs
     evaluated  after the evaluation row of `step` is written
     finished   after training finished, before results.json is written (step ignored)
@@ -22,17 +21,12 @@ def die():
 
 def patch(point: str, step: int) -> None:
     T, C = loop.Trainer, checkpoint.Checkpointer
-    seal, save, evaluate, run = C._seal, T._save, T._evaluate, T.run
+    seal, evaluate, run = C._seal, T._evaluate, T.run
 
     def sealing(self):
         if self._saving == step:
             die()
         seal(self)
-
-    def saving(self, done):
-        save(self, done)
-        if done == step:
-            die()
 
     def evaluating(self, done):
         if point == "committed" and done == step:
@@ -49,8 +43,6 @@ def patch(point: str, step: int) -> None:
 
     if point == "seal":
         C._seal = sealing
-    elif point == "saved":
-        T._save = saving
     elif point in ("committed", "evaluated"):
         T._evaluate = evaluating
     elif point == "finished":

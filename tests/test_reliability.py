@@ -109,8 +109,8 @@ def _rows(out: pathlib.Path) -> list[dict]:
 
 
 def test_sigkill_at_every_point_of_save_and_eval_leaves_the_files_of_an_uninterrupted_run(corpus, tmp_path):
-    """Steps 1..8: logs every 4, checkpoints and evaluations every 2; one run killed four times, then resumed.
-    (kill_runner's 'saved' point, a save still in flight, ends like 'seal' or 'committed'.)"""
+    """Steps 1..8: logs every 4, checkpoints and evaluations every 2; one run killed four times, then resumed. (A
+    kill while a save is still being written ends like 'seal': no commit.)"""
     _, data = corpus
     config = make_config(data, tmp_path / "unused", **{"train.steps": 8, "train.log_every": 4,
                                                        "train.eval_every": 2, "train.eval_batches": 2,

@@ -15,7 +15,6 @@ from typing import Optional
 
 import ml_collections
 
-from dmc_jax.errors import UserError
 
 DMC_FILE = "dmc_config.json"
 
