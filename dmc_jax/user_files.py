@@ -93,7 +93,9 @@ def saved_section(path: str, saved: Any, defaults: ml_collections.ConfigDict,
         if not _fits(defaults[name], value):
             raise UserError(f"{path}: field {name!r} must be {_type_name(defaults[name])} like "
                             f"{defaults[name]!r}, got {value!r}; {fix}")
-        section[name] = float(value) if isinstance(defaults[name], float) else value
+        default = defaults[name]
+        section[name] = (float(value) if isinstance(default, float) else tuple(value) if isinstance(default, tuple)
+                         else value)
     if validate is not None:
         try:
             validate(section)
