@@ -41,7 +41,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise
     except TypeError as e:
         raise UserError(f"get_config() in {path} does not take {'an argument' if arg else 'no argument'} "
-                        f"({e}); check the ':ARG' suffix of --config") from e
+                        f"({e}); check the ':ARG' suffix of --config") from None
+    except Exception as e:  # e.g. an unknown variant: the config file's own check, reported in one line
+        call = "get_config()" if arg is None else f"get_config({arg!r})"
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{call} in {path} failed: {type(e).__name__}: {detail}"
+                        + ("; check the ':ARG' suffix of --config" if arg is not None else "")) from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"get_config() in {path} must return an ml_collections.ConfigDict, got {type(config).__name__}")
     return config
@@ -75,8 +80,37 @@ def _parse_value(key: str, text: str, current):
             raise UserError(f"--config.{key} expects a Python literal like (1, 2), got {text!r}") from None
         if isinstance(current, tuple) and isinstance(value, (list, int, float, str)):
             value = tuple(value) if isinstance(value, list) else (value,)
+        if isinstance(current, (tuple, list)):
+            _check_elements(key, value, current, text)
         return value
     raise UserError(f"--config.{key} cannot be set from the command line (a {type(current).__name__})")
+
+
+def _element_kind(x) -> str:
+    if isinstance(x, bool):
+        return "bool"
+    if isinstance(x, (int, float)):
+        return "number"
+    return {str: "str", tuple: "tuple", list: "tuple"}.get(type(x), type(x).__name__)
+
+
+def _check_elements(key: str, value, current, text: str) -> None:
+    """A tuple-valued field keeps its kind of elements: (1, 8) takes numbers (the section's validation says if
+    they must be whole), ('a', 'b') strings, (('a', 'b'),) tuples."""
+    if not isinstance(value, (tuple, list)):
+        raise UserError(f"--config.{key} expects a tuple like {tuple(current)!r}, got {text!r}")
+    kinds = {_element_kind(x) for x in current}
+    if not kinds:  # an empty default says nothing; the section's own validation checks the entries
+        return
+    want = kinds.pop() if len(kinds) == 1 else None
+    if want is None:
+        return
+    for x in value:
+        if _element_kind(x) != want:
+            example = ", ".join(repr(c) for c in tuple(current)[:3])
+            noun = {"str": "strings", "number": "numbers"}.get(want, want + "s")
+            raise UserError(f"--config.{key} expects a tuple of {noun} like "
+                            f"({example}{',' if len(current) == 1 else ''}), got {x!r} in {text!r}")
 
 
 def _set(config: ml_collections.ConfigDict, key: str, text: str) -> None:

@@ -71,7 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _at_least("bench.prefill_len", b.prefill_len, 1)
         _at_least("bench.decode_tokens", b.decode_tokens, 2)
         _at_least("bench.repeats", b.repeats, 1)
-        if not b.batch_sizes or any(int(x) < 1 for x in b.batch_sizes):
+        if not b.batch_sizes or any(not isinstance(x, int) or x < 1 for x in b.batch_sizes):
             raise UserError(f"bench.batch_sizes must be a non-empty tuple of positive ints; got {b.batch_sizes}")
     if config.task in ("convert_kv_heads", "compare"):
         _sections(config, ("kv_heads",) + (("compare", "cache") if config.task == "compare" else ()))

@@ -9,3 +9,7 @@ def require(condition: bool, message: str) -> None:
     """Raises UserError(message) unless condition holds."""
     if not condition:
         raise UserError(message)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, caught where the run knows how far it got: one line saying where it stopped and how to resume."""

@@ -1,7 +1,8 @@
 """Entry point: `python -m dmc_jax.main --config configs/<name>.py [--config.key=value ...]`.
 
 Loads and validates the config once, runs config.task, writes <run dir>/results.json and prints its path.
-Bad input exits with code 2 and one line on stderr.
+Bad input exits with code 2 and one line on stderr; Ctrl-C exits with code 130 and one line saying where the run
+stopped and how to resume.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def run(argv: Sequence[str]) -> str:
     task = importlib.import_module(module_name)
     out_dir = common.run_dir(config)
     config.output_dir = out_dir  # tasks that write more than results.json (train) use the same directory
+    common.check_outputs(config)  # every output location writable, before any work
     start = time.perf_counter()
     if needs_model:
         model = common.load_model(config, *layout)
@@ -63,6 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # errors.Interrupted says where; elsewhere nothing was written yet
+        print(str(e) or "interrupted before the task finished; results.json was not written: run the same command "
+              "again", file=sys.stderr)
+        return 130
     print(f"results: {path}")
     return 0
 

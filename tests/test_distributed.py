@@ -191,7 +191,8 @@ def test_optimizer_state_offloaded_to_host_trains_the_same_and_checkpoints(tmp_p
 
 @pytest.mark.slow
 def test_train_task_through_the_launcher_on_two_processes(tmp_path):
-    """python launch/local_multiprocess.py -- python -m dmc_jax.main ...: tiny DMC model, real data pipeline."""
+    """python launch/local_multiprocess.py -- python -m dmc_jax.main ...: tiny DMC model, real data pipeline; then
+    a damaged checkpoint found and skipped by both processes."""
     from dmc_jax.data.prepare import prepare
     from dmc_jax.dmc.objective import default_config as dmc_default_config
     from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
@@ -208,9 +209,9 @@ def test_train_task_through_the_launcher_on_two_processes(tmp_path):
     config.dmc.update(zero_out_steps=1, retrofit_steps=2, decision_offset=2.0)
     config.mesh.update(data=2, fsdp=2, tensor=2)
     path = _write_config(tmp_path / "tiny_dmc.py", config)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "--num_processes",
-                           "2", "--cpu_devices", "4", "--timeout", "600", "--", sys.executable, "-m", "dmc_jax.main",
-                           "--config", path], cwd=ROOT, capture_output=True, text=True, timeout=700)
+    launcher = [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "--num_processes", "2",
+                "--cpu_devices", "4", "--timeout", "600", "--", sys.executable, "-m", "dmc_jax.main", "--config", path]
+    proc = subprocess.run(launcher, cwd=ROOT, capture_output=True, text=True, timeout=700)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "[1] process 1 of 2: 4 local of 8 cpu devices" in proc.stdout, proc.stdout[-3000:]
     results = json.load(open(out / "results.json"))["results"]
@@ -218,3 +219,18 @@ def test_train_task_through_the_launcher_on_two_processes(tmp_path):
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [2, 4]  # process 0 alone writes metrics
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+    # A flipped bit in step 4: process 0 finds it, moves the step aside, and both processes resume from step 2.
+    biggest = max((p for p in (out / "checkpoints" / "4" / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    raw = bytearray(biggest.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    biggest.write_bytes(bytes(raw))
+    proc = subprocess.run(launcher + ["--config.train.steps=6"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=700)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[0] checkpoint step 4 is damaged" in proc.stdout, proc.stdout[-3000:]
+    results = json.load(open(out / "results.json"))["results"]
+    assert results["resumed_from"] == 2 and results["last_checkpoint"] == 6
+    assert (out / "checkpoints" / "damaged" / "4").is_dir()
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [2, 4, 6]

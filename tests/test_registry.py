@@ -138,10 +138,10 @@ def test_a_legacy_dmc_config_json_still_loads_and_wrong_types_name_the_file(tmp_
     method = model_method.make(config)
     assert isinstance(method, DMCPagedCache) and method.target_cr == 4.0 and method.dmc.window == 6
     (tmp_path / "dmc_config.json").write_text(json.dumps({"target_cr": "four"}))
-    with pytest.raises(UserError, match=r"dmc_config\.json: field 'target_cr' must be a float; got 'four'"):
+    with pytest.raises(UserError, match=r"dmc_config\.json: field 'target_cr' must be float like 2\.0, got 'four'"):
         model_method.read(str(tmp_path))
     (tmp_path / "dmc_config.json").write_text(json.dumps({"target_cr": 0.5}))
-    with pytest.raises(UserError, match=r"dmc_config\.json: dmc\.target_cr must be >= 1"):
+    with pytest.raises(UserError, match=r"dmc_config\.json holds a bad value: dmc\.target_cr must be >= 1"):
         model_method.read(str(tmp_path))
 
 

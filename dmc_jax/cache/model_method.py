@@ -21,6 +21,7 @@ import ml_collections
 
 from dmc_jax.cache import registry
 from dmc_jax.errors import UserError
+from dmc_jax.user_files import read_json, saved_section
 
 METHOD_FILE = "kv_method.json"
 LEGACY_DMC_FILE = "dmc_config.json"
@@ -73,44 +74,14 @@ def _plain(section) -> dict:
     return json.loads(json.dumps(section.to_dict() if hasattr(section, "to_dict") else dict(section), default=list))
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-export the model (task retrofit or train.export_dir)") \
-            from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} must hold a JSON object; got {type(value).__name__}")
-    return value
+FIX = "re-export the model (task retrofit or train.export_dir) or fix the file"
 
 
-def checked_hparams(saved: dict, section_name: str, path: str) -> ml_collections.ConfigDict:
-    """The trained section's defaults overridden by `saved`, every value of the default's type (an int where a
-    float is expected is accepted); a wrong type or unknown field names the file and the field."""
-    section = registry.trained_defaults(section_name)
-    if not isinstance(saved, dict):
-        raise UserError(f"{path}: 'hparams' must be an object of {section_name} fields; got {saved!r}")
-    unknown = sorted(set(saved) - set(section))
-    if unknown:
-        raise UserError(f"{path} has fields this version does not know ({', '.join(unknown)}); "
-                        f"upgrade dmc_jax or remove them")
-    for field, value in saved.items():
-        want = section[field]
-        ok = (isinstance(value, bool) if isinstance(want, bool)
-              else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(want, float)
-              else isinstance(value, type(want)) and not isinstance(value, bool) if isinstance(want, int)
-              else isinstance(value, type(want)) if want is not None else True)
-        if not ok:
-            raise UserError(f"{path}: field {field!r} must be a {type(want).__name__}; got {value!r} "
-                            f"(re-export the model or fix the file)")
-        section[field] = float(value) if isinstance(want, float) else value
+def checked_hparams(saved, section_name: str, path: str) -> ml_collections.ConfigDict:
+    """The trained section's defaults overridden by `saved`, each value of its default's type and in range; errors
+    name the file and the field (the value came from the model directory, not from the user's config)."""
     t = registry.trained(section_name)
-    try:
-        t.validate(section)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    return section
+    return saved_section(path, saved, registry.trained_defaults(section_name), t.validate, fix=FIX)
 
 
 def read(source) -> Optional[SavedMethod]:
@@ -120,7 +91,9 @@ def read(source) -> Optional[SavedMethod]:
     folder = os.path.expanduser(source)
     path = os.path.join(folder, METHOD_FILE)
     if os.path.isfile(path):
-        body = _read_json(path)
+        body = read_json(path, "the model's method file")
+        if not isinstance(body, dict):
+            raise UserError(f"{path} must hold a JSON object with 'method' and 'hparams'; {FIX}")
         method = body.get("method")
         if not isinstance(method, str):
             raise UserError(f"{path}: 'method' must be a cache method name; got {method!r}")
@@ -131,11 +104,12 @@ def read(source) -> Optional[SavedMethod]:
                             f"known: {', '.join(registry.names())}") from None
         hparams = None
         if spec.trained is not None:
-            hparams = checked_hparams(body.get("hparams") or {}, spec.trained.section, path)
+            hparams = checked_hparams(body.get("hparams", {}), spec.trained.section, path)
         return SavedMethod(method, hparams, path)
     legacy = os.path.join(folder, LEGACY_DMC_FILE)
     if os.path.isfile(legacy):
-        return SavedMethod("dmc_paged", checked_hparams(_read_json(legacy), "dmc", legacy), legacy)
+        return SavedMethod("dmc_paged", checked_hparams(read_json(legacy, "the model's method file"), "dmc", legacy),
+                           legacy)
     return None
 
 

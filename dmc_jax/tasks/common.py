@@ -67,6 +67,34 @@ def run_dir(config: ml_collections.ConfigDict) -> str:
     return path
 
 
+def output_locations(config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
+    """(what, directory, the config field that chose it) of everything the task will write, so that main can
+    check them before any work."""
+    out = [("output_dir", config.output_dir, "output_dir")]
+    if config.task == "train":
+        ckpt = config.checkpoint.dir or os.path.join(config.output_dir, "checkpoints")
+        out.append(("checkpoint.dir", ckpt, "checkpoint.dir" if config.checkpoint.dir else "output_dir"))
+        export_dir = config.train.get("export_dir", "")
+        if export_dir:  # written atomically: a temporary directory beside it, renamed into place
+            if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+                raise UserError(f"train.export_dir {export_dir} exists and is not a directory; set train.export_dir "
+                                f"to a directory")
+            out.append(("the directory of train.export_dir", os.path.dirname(os.path.abspath(export_dir)),
+                        "train.export_dir"))
+    if config.task == "retrofit":  # <output_dir>/{dmc,control}/checkpoints and the model in <output_dir>/dmc/model
+        for name in ("dmc",) + (("control",) if config.retrofit.get("control", False) else ()):
+            out.append(("the retrofit output", os.path.join(config.output_dir, name, "checkpoints"), "output_dir"))
+    return out
+
+
+def check_outputs(config: ml_collections.ConfigDict) -> None:
+    """Creates every output location of the task and writes a probe file in each: UserError now, not after hours."""
+    from dmc_jax.user_files import probe_writable
+
+    for what, path, field in output_locations(config):
+        probe_writable(path, what, field)
+
+
 def _plain(x):
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}

@@ -12,15 +12,12 @@ from dmc_jax.cache import model_method
 from dmc_jax.errors import UserError
 from dmc_jax.inference.generate import GenerateConfig, generate
 from dmc_jax.inference.sampling import SamplingConfig
+from dmc_jax.user_files import read_text
 
 
 def prompts_from_config(g: ml_collections.ConfigDict) -> list[str]:
     if g.prompts_file:
-        try:
-            with open(g.prompts_file, encoding="utf-8") as f:
-                prompts = [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise UserError(f"cannot read generate.prompts_file {g.prompts_file!r}: {e.strerror}") from e
+        prompts = [line for line in read_text(g.prompts_file, "generate.prompts_file").split("\n") if line.strip()]
         if not prompts:
             raise UserError(f"generate.prompts_file {g.prompts_file} has no prompts (one per line)")
         return prompts

@@ -95,13 +95,11 @@ def _token_str(value) -> Optional[str]:
 
 
 def _read_json(path: str) -> dict:
+    from dmc_jax.user_files import read_json
+
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+    data = read_json(path, "tokenizer file")
     return data if isinstance(data, dict) else {}
 
 
@@ -109,8 +107,9 @@ def chat_template_of(directory: str, config: dict) -> Optional[str]:
     """The chat template of a HF directory: chat_template.jinja, chat_template.json or tokenizer_config.json."""
     jinja_path = os.path.join(directory, "chat_template.jinja")
     if os.path.exists(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            return f.read()
+        from dmc_jax.user_files import read_text
+
+        return read_text(jinja_path, "chat template")
     template = _read_json(os.path.join(directory, "chat_template.json")).get("chat_template")
     template = template or config.get("chat_template")
     if isinstance(template, list):  # [{'name': 'default', 'template': ...}, {'name': 'tool_use', ...}]

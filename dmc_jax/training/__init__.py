@@ -5,9 +5,12 @@
     optimizer.py    AdamW with a decay mask, warmup + constant / cosine / linear LR schedules, global-norm clipping
     step.py         one update (gradient accumulation over micro-batches in fp32) and one evaluation batch
     sharding.py     the (data, fsdp, tensor) mesh and logical-axis rules -> shardings
-    checkpoint.py   orbax checkpoints: params, optimizer state, RNG key, data iterator position; async, atomic
+    checkpoint.py   orbax checkpoints: params, optimizer state, RNG key, data iterator position; async, atomic,
+                    checksummed (checksums.py), the newest intact one restored
     metrics_log.py  metrics.jsonl and TensorBoard event files
-    loop.py         train(config, model, objective, data): jit, shardings, donation, NaN guard, logging, evaluation
+    progress.py     the logging window: per-step host metrics checked (NaN guard) and averaged into log rows
+    loop.py         train(config, model, objective, data) = Trainer: jit, shardings, donation, resume, logging,
+                    saving, evaluation
 
 Shape letters: B batch rows, T time, V vocab.
 """

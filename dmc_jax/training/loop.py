@@ -5,12 +5,22 @@
 Reads config.train, config.optim, config.checkpoint, config.mesh (optional: 1 device) and config.seed. Each step
 feeds this process's rows [B, T] to a jitted update (params and optimizer state donated, shardings from the
 logical-axis rules); every checkpoint.every_steps steps a checkpoint is saved asynchronously; a run whose
-checkpoint directory holds checkpoints continues from the newest one, exactly (same parameters bit for bit as an
+checkpoint directory holds checkpoints continues from the newest intact one, exactly (same parameters bit for bit as an
 uninterrupted run on CPU). A loss or gradient norm that is not finite stops the run with a one-line
 TrainingDiverged; checkpoints from before are kept and none is written after.
 
 The host reads step s's metrics while the device runs step s+1, so checks cost no idle device time; a checkpoint,
 log line or evaluation at step s waits for s itself.
+
+A resumed run continues the bookkeeping too: the logging window is kept in each checkpoint, an evaluation due at the
+resumed step that the dead run did not write is run first, and the final loss and evaluation of a run resumed after
+it finished come from metrics.jsonl; so metrics.jsonl and results.json read as an uninterrupted run's. Ctrl-C stops
+with one line naming the step and the checkpoint to resume from (errors.Interrupted).
+
+train() is Trainer(config, model, objective, data).run(), in pieces with one job each: _resume (restore or
+initialize), _open_log (metrics file, progress bar, summary so far), _catch_up (a missed evaluation), _train_steps
+(the pipelined update loop), _step (dispatch one update), _finish (read and check its metrics), _after (log, save,
+evaluate), _interrupted (Ctrl-C), _summary.
 """
 
 from __future__ import annotations
@@ -20,8 +30,6 @@ import datetime
 import hashlib
 import math
 import os
-import statistics
-import time
 from typing import Any, Callable, Iterable, Optional
 
 import jax
@@ -30,13 +38,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from dmc_jax.errors import UserError
+from dmc_jax.errors import Interrupted, UserError
 from dmc_jax.model.config import ModelConfig
 from dmc_jax.model.params import flatten, logical_axes
 from dmc_jax.training import offload, sharding
 from dmc_jax.training.checkpoint import Checkpointer
 from dmc_jax.training.metrics_log import MetricsWriter
 from dmc_jax.training.objective import CE, WEIGHT, Objective
+from dmc_jax.training.progress import Diverged, Window
 from dmc_jax.training.optimizer import make_optimizer
 from dmc_jax.training.step import make_eval_step, make_train_step
 
@@ -137,6 +146,7 @@ class _NoWriter:
     """The MetricsWriter of processes other than 0."""
 
     path = None
+    kept: list = []
 
     def write(self, step: int, metrics: dict) -> None:
         pass
@@ -160,15 +170,6 @@ def _run_dir(config) -> str:
     return path
 
 
-def _mean_window(window: list[dict]) -> dict:
-    """Host metrics of several steps -> their mean (WEIGHT summed)."""
-    out = {}
-    for name in window[0]:
-        values = np.stack([np.asarray(m[name], np.float64) for m in window])
-        out[name] = values.sum(0) if name == WEIGHT else values.mean(0)
-    return out
-
-
 def evaluate(s: Setup, params, eval_batches: Iterable[dict], max_batches: int, step: int) -> dict:
     """{'eval/loss', 'eval/perplexity', 'eval/weight'} over the validation batches (max_batches, 0 = all)."""
     sums = None
@@ -189,122 +190,186 @@ def evaluate(s: Setup, params, eval_batches: Iterable[dict], max_batches: int, s
 def train(config, model, objective: Objective, data: TrainData) -> dict:
     """Trains model.params (stacked layout; consumed: its buffers are donated) on data with objective; returns a
     summary for results.json. The final parameters are in the last checkpoint."""
-    t, c = config.train, config.checkpoint
-    cfg, params = model.cfg, model.params
-    if isinstance(params["layers"], tuple):
-        raise ValueError("training needs the stacked parameter layout: load_model(config, layout='training')")
-    run_dir = _run_dir(config)
-    s = setup(config, cfg, params, objective)
-    abstract = s.abstract_state(params)
-    fp = fingerprint(params, abstract["opt_state"], config)
-    ckpt_dir = c.dir or os.path.join(run_dir, "checkpoints")
-    ckpt = Checkpointer(ckpt_dir, c.max_to_keep, c.async_save)
-    latest = ckpt.latest_step()
-    iterator = data.train
-    try:
-        if latest is not None and not c.resume:
-            raise UserError(f"{ckpt.directory} already holds checkpoints (newest: step {latest}) and "
+    return Trainer(config, model, objective, data).run()
+
+
+class Trainer:
+    """One training run: its compiled setup, checkpointer, state, data, metrics file and progress bar."""
+
+    def __init__(self, config, model, objective: Objective, data: TrainData):
+        if isinstance(model.params["layers"], tuple):
+            raise ValueError("training needs the stacked parameter layout: load_model(config, layout='training')")
+        self.t, self.c, self.data, self.objective = config.train, config.checkpoint, data, objective
+        self.run_dir = _run_dir(config)
+        self.s = setup(config, model.cfg, model.params, objective)
+        self.ckpt = Checkpointer(self.c.dir or os.path.join(self.run_dir, "checkpoints"), self.c.max_to_keep,
+                                 self.c.async_save)
+        try:
+            self.start = self._resume(config, model.params)
+        except BaseException:
+            self.ckpt.close()
+            raise
+        self.last_saved = self.resumed_from
+        self.final_loss = self.last_eval = None
+
+    def _resume(self, config, params) -> int:
+        """Restores the newest intact checkpoint (or initializes); returns the first step to run."""
+        abstract = self.s.abstract_state(params)
+        self.fp = fingerprint(params, abstract["opt_state"], config)
+        self.iterator, log = self.data.train, None
+        latest = self.ckpt.latest_step()
+        if latest is not None and not self.c.resume:
+            raise UserError(f"{self.ckpt.directory} already holds checkpoints (newest: step {latest}) and "
                             f"checkpoint.resume is False; set output_dir (or checkpoint.dir) to a new directory")
-        if latest is not None:
-            state, iterator = ckpt.restore(latest, abstract, iterator, fp)
-            params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+        restored = self.ckpt.restore_latest(abstract, self.iterator, self.fp)
+        if restored is not None:
+            self.iterator, log = restored.iterator, restored.log
+            self.params, self.opt_state, self.rng = (restored.state[k] for k in ("params", "opt_state", "rng"))
         else:
-            params, opt_state, rng = s.init_state(params, config.get("seed", 0))
-    except BaseException:
-        ckpt.close()
-        raise
-    start = latest or 0
-    main_process = jax.process_index() == 0  # the others train too but write no logs
-    writer = MetricsWriter(run_dir, t.tensorboard, resume_step=latest) if main_process else _NoWriter()
-    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and main_process), unit="step",
-               dynamic_ncols=True)
-    divisor = sharding.batch_divisor(s.mesh, s.rules)
-    print(f"training steps {start + 1}..{t.steps} on mesh {dict(s.mesh.shape)}; checkpoints in {ckpt.directory}"
-          + (f" (resumed from step {latest})" if latest is not None else ""), flush=True)
+            self.params, self.opt_state, self.rng = self.s.init_state(params, config.get("seed", 0))
+        self.resumed_from = None if restored is None else restored.step
+        self.window = Window.from_state(log)
+        return self.resumed_from or 0
 
-    last_saved = latest
-    window: list[dict] = []
-    window_tokens, window_time = 0, 0.0
-    step_times: list[float] = []
-    clock = [time.perf_counter()]
-    last_eval = final_loss = None
+    def _open_log(self) -> None:
+        """metrics.jsonl (truncated to the resumed step) and the progress bar; the summary so far from the rows."""
+        main_process = jax.process_index() == 0  # the others train too but write no logs
+        self.writer = (MetricsWriter(self.run_dir, self.t.tensorboard, resume_step=self.start) if main_process
+                       else _NoWriter())
+        for row in self.writer.kept:
+            if "loss" in row:
+                self.final_loss = float(row["loss"])
+            if "eval/loss" in row:
+                self.last_eval = {k: v for k, v in row.items() if k.startswith("eval/")}
+        self.bar = tqdm(total=self.t.steps, initial=self.start, disable=not (self.t.progress and main_process),
+                        unit="step", dynamic_ncols=True)
 
-    def finish(pending) -> None:
-        """Waits for one step's metrics, checks them, adds them to the logging window."""
-        nonlocal window_tokens, window_time
+    def _due(self, done: int) -> tuple[bool, bool, bool]:
+        """(log, save, evaluate) after step `done`."""
+        t, last = self.t, done == self.t.steps
+        return (last or done % t.log_every == 0, last or bool(self.c.every_steps and done % self.c.every_steps == 0),
+                bool(self.data.eval is not None and t.eval_every and (last or done % t.eval_every == 0)))
+
+    def _step(self, step: int, on_step) -> tuple:
+        """Starts update `step` on the device; returns (step + 1, its metrics on the device, its tokens)."""
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            raise UserError(f"the training data ran out after {step} steps; set data.num_epochs=0 (repeat) or "
+                            f"lower train.steps") from None
+        if step == self.start:
+            _check_batch(batch, self.t.grad_accum, sharding.batch_divisor(self.s.mesh, self.s.rules))
+        tokens = int((np.asarray(batch["segment_ids"]) > 0).sum()) * jax.process_count()
+        if on_step is not None:
+            changed = on_step(self.params, step)
+            if changed is not self.params:
+                self.params = jax.device_put(changed, self.s.param_shardings)
+        self.params, self.opt_state, metrics = self.s.train_step(self.params, self.opt_state,
+                                                                 self.s.put_batch(batch), self.rng, jnp.int32(step))
+        return step + 1, metrics, tokens
+
+    def _finish(self, pending: tuple) -> None:
+        """Waits for one step's metrics and adds them to the window; a value that is not finite stops the run."""
         done, metrics, tokens = pending
         host = jax.device_get(metrics)
-        now = time.perf_counter()
-        step_times.append(now - clock[0])
-        window_time += now - clock[0]
-        clock[0] = now
-        for name in ("loss", "grad_norm"):
-            value = float(host[name])
-            if not math.isfinite(value):
-                ckpt.wait()
-                where = (f"the last good checkpoint is step {last_saved} in {ckpt.directory}" if last_saved is not None
-                         else "no checkpoint was written")
-                raise TrainingDiverged(f"training diverged at step {done}: {name} is {value} (loss "
-                                       f"{float(host['loss'])}, grad_norm {float(host['grad_norm'])}, lr "
-                                       f"{float(host['lr']):.3g}); {where}; lower optim.lr or raise "
-                                       f"optim.warmup_steps and resume")
-        window.append(host)
-        window_tokens += tokens
-        bar.update(1)
+        try:
+            self.window.add(done, host, tokens)
+        except Diverged as d:
+            self.ckpt.wait()
+            where = (f"the last good checkpoint is step {self.last_saved} in {self.ckpt.directory}"
+                     if self.last_saved is not None else "no checkpoint was written")
+            raise TrainingDiverged(f"training diverged at step {done}: {d.name} is {float(host[d.name])} (loss "
+                                   f"{float(host['loss'])}, grad_norm {float(host['grad_norm'])}, lr "
+                                   f"{float(host['lr']):.3g}); {where}; lower optim.lr or raise "
+                                   f"optim.warmup_steps and resume") from None
+        self.bar.update(1)
 
-    on_step = getattr(objective, "on_step", None)
-    pending = None
-    try:
-        for step in range(start, t.steps):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                raise UserError(f"the training data ran out after {step} steps; set data.num_epochs=0 (repeat) or "
-                                f"lower train.steps") from None
-            if step == start:
-                _check_batch(batch, t.grad_accum, divisor)
-            tokens = int((np.asarray(batch["segment_ids"]) > 0).sum()) * jax.process_count()
-            if on_step is not None:
-                changed = on_step(params, step)
-                if changed is not params:
-                    params = jax.device_put(changed, s.param_shardings)
-            params, opt_state, metrics = s.train_step(params, opt_state, s.put_batch(batch), rng, jnp.int32(step))
+    def _log(self, done: int) -> None:
+        row = self.window.row()
+        self.writer.write(done, row)
+        self.final_loss = float(row["loss"])
+        self.bar.set_postfix(loss=f"{self.final_loss:.4f}")
+
+    def _save(self, done: int) -> None:
+        self.ckpt.save(done, {"params": self.params, "opt_state": self.opt_state, "rng": self.rng}, self.iterator,
+                       self.fp, log=self.window.state())
+        self.last_saved = done
+
+    def _evaluate(self, done: int) -> None:
+        self.last_eval = evaluate(self.s, self.params, self.data.eval(), self.t.eval_batches, done)
+        self.writer.write(done, self.last_eval)
+        self.bar.write(f"step {done}: eval loss {self.last_eval['eval/loss']:.4f}, "
+                       f"perplexity {self.last_eval['eval/perplexity']:.3f}")
+
+    def _catch_up(self) -> None:
+        """The evaluation due at the resumed step, if the run that saved it died before writing it (process 0
+        decides from metrics.jsonl; every process evaluates)."""
+        need = bool(self.resumed_from and self._due(self.resumed_from)[2] and not any(
+            r.get("step") == self.resumed_from and "eval/loss" in r for r in self.writer.kept))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            need = bool(multihost_utils.broadcast_one_to_all(np.int32(need)))
+        if need:
+            self._evaluate(self.resumed_from)
+
+    def _after(self, done: int, log: bool, save: bool, run_eval: bool) -> None:
+        """What is due after step `done`, in this order: its log row, its checkpoint, its evaluation."""
+        if log:
+            self._log(done)
+        if save:
+            self._save(done)
+        if run_eval:
+            self._evaluate(done)
+        self.window.pause()  # logging, saving and evaluating are not step time
+
+    def _train_steps(self) -> None:
+        """Steps start+1..train.steps; step s+1 is dispatched before step s's metrics are read, unless something
+        is due after s."""
+        on_step = getattr(self.objective, "on_step", None)
+        pending = None
+        for step in range(self.start, self.t.steps):
+            self.current = step + 1
+            started = self._step(step, on_step)
             if pending is not None:
-                finish(pending)
-            pending = (step + 1, metrics, tokens)
-            done = step + 1
-            last = done == t.steps
-            log = last or done % t.log_every == 0
-            save = last or (c.every_steps and done % c.every_steps == 0)
-            run_eval = data.eval is not None and t.eval_every and (last or done % t.eval_every == 0)
-            if not (log or save or run_eval):
-                continue
-            finish(pending)
-            pending = None
-            if log:
-                row = _mean_window(window)
-                row.update(tokens_per_second=window_tokens / window_time, step_time_s=window_time / len(window))
-                writer.write(done, row)
-                final_loss = float(row["loss"])
-                bar.set_postfix(loss=f"{final_loss:.4f}")
-                window, window_tokens, window_time = [], 0, 0.0
-            if save:
-                ckpt.save(done, {"params": params, "opt_state": opt_state, "rng": rng}, iterator, fp)
-                last_saved = done
-            if run_eval:
-                last_eval = evaluate(s, params, data.eval(), t.eval_batches, done)
-                writer.write(done, last_eval)
-                bar.write(f"step {done}: eval loss {last_eval['eval/loss']:.4f}, "
-                          f"perplexity {last_eval['eval/perplexity']:.3f}")
-            clock[0] = time.perf_counter()  # logging, saving and evaluating are not step time
+                self._finish(pending)
+            pending = started
+            due = self._due(started[0])
+            if any(due):
+                self._finish(pending)
+                pending = None
+                self._after(started[0], *due)
         if pending is not None:
-            finish(pending)
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
-    timed = step_times[1:] or step_times  # the first includes compilation
-    return {"run_dir": run_dir, "checkpoint_dir": ckpt.directory, "start_step": start, "steps": t.steps,
-            "resumed_from": latest, "last_checkpoint": last_saved, "final_loss": final_loss, "final_eval": last_eval,
-            "step_time_median_s": statistics.median(timed) if timed else None, "mesh": dict(s.mesh.shape),
-            "metrics_file": writer.path}
+            self._finish(pending)
+
+    def _interrupted(self) -> Interrupted:
+        self.ckpt.wait()
+        where = (f"the last checkpoint is step {self.last_saved} in {self.ckpt.directory}; run the same command "
+                 f"again to resume from it" if self.last_saved is not None else
+                 "no checkpoint was written yet; run the same command again to start over")
+        return Interrupted(f"interrupted during training step {self.current} of {self.t.steps}; {where}")
+
+    def run(self) -> dict:
+        """Trains to train.steps; returns the summary. Closes the checkpointer (waits for the last save)."""
+        self._open_log()
+        print(f"training steps {self.start + 1}..{self.t.steps} on mesh {dict(self.s.mesh.shape)}; checkpoints in "
+              f"{self.ckpt.directory}" + (f" (resumed from step {self.start})" if self.resumed_from else ""),
+              flush=True)
+        self.current = self.start + 1
+        try:
+            self._catch_up()
+            self._train_steps()
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+        finally:
+            self.bar.close()
+            self.writer.close()
+            self.ckpt.close()
+        return self._summary()
+
+    def _summary(self) -> dict:
+        return {"run_dir": self.run_dir, "checkpoint_dir": self.ckpt.directory, "start_step": self.start,
+                "steps": self.t.steps, "resumed_from": self.resumed_from, "last_checkpoint": self.last_saved,
+                "final_loss": self.final_loss, "final_eval": self.last_eval,
+                "step_time_median_s": self.window.median_step_time(), "mesh": dict(self.s.mesh.shape),
+                "metrics_file": self.writer.path}

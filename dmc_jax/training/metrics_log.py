@@ -1,8 +1,9 @@
 """Training metrics on disk: <run dir>/metrics.jsonl (one JSON object per line) and TensorBoard event files.
 
 Each line is {'step': N, name: value, ...}; arrays (e.g. per layer x head values) are written as nested lists.
-Training lines carry the train metrics, evaluation lines names starting with 'eval/'. On resume from step N, lines
-of later steps (written by the run that died) are dropped first, so the file reads as one run.
+Training lines carry the train metrics, evaluation lines names starting with 'eval/'. On resume from step N (0: a
+fresh start), lines of later steps (written by the run that died) are dropped first, so the file reads as one run;
+the lines kept are in `kept` (the resumed run's final summary and evaluation schedule come from them).
 TensorBoard (tensorboardX, no tensorflow): scalars as scalars; an array as its mean plus a histogram.
 """
 
@@ -31,32 +32,34 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.path = os.path.join(run_dir, FILENAME)
-        if resume_step is not None:
-            self._truncate_after(resume_step)
+        self.kept: list[dict] = self._truncate_after(resume_step or 0)
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # lazily: only runs that ask for event files need it
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                     purge_step=None if resume_step is None else resume_step + 1)
+                                     purge_step=(resume_step or 0) + 1)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int) -> list[dict]:
         if not os.path.exists(self.path):
-            return
+            return []
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
-        keep = []
+        keep, rows = [], []
         for line in lines:
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a killed run
                 continue
+            if row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+                rows.append(row)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)
         os.replace(tmp, self.path)
+        return rows
 
     def write(self, step: int, metrics: dict) -> None:
         """One line {'step': step, **metrics} (host values: numbers or numpy arrays)."""

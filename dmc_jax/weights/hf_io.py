@@ -27,13 +27,14 @@ TokenizerFiles = Union[Mapping[str, Union[str, bytes]], Sequence[str]]
 
 
 def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; a Hugging Face model directory needs {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); fix or re-download it") from None
+    from dmc_jax.user_files import read_json
+
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; a Hugging Face model directory needs {what}")
+    data = read_json(path, "model file")
+    if not isinstance(data, dict):
+        raise UserError(f"model file {path} must hold a JSON object, got {type(data).__name__}; fix or re-download it")
+    return data
 
 
 def _shard_files(path: str) -> Dict[str, list]:

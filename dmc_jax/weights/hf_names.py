@@ -179,19 +179,23 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key):
             raise UserError(f"config.json sets {key}=true; dmc_jax supports Llama models without biases")
-    theta, scaling = _rope_scaling(d)
-    heads = int(d["num_attention_heads"])
-    head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
-    dtype = d.get("torch_dtype", d.get("dtype"))
-    return ModelConfig(
-        vocab_size=int(d["vocab_size"]), embed_dim=int(d["hidden_size"]), num_layers=int(d["num_hidden_layers"]),
-        num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-        mlp_dim=int(d["intermediate_size"]), rope_theta=theta, rope_scaling=scaling,
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qk_norm=MODEL_TYPES[model_type][0],
-        max_seq_len=int(d.get("max_position_embeddings", 2048)),
-        param_dtype=dtype if dtype in DTYPES else "float32",
-        bos_id=_first(d.get("bos_token_id")), eos_id=_first(d.get("eos_token_id")))
+    try:
+        theta, scaling = _rope_scaling(d)
+        heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+        dtype = d.get("torch_dtype", d.get("dtype"))
+        return ModelConfig(
+            vocab_size=int(d["vocab_size"]), embed_dim=int(d["hidden_size"]), num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+            mlp_dim=int(d["intermediate_size"]), rope_theta=theta, rope_scaling=scaling,
+            norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qk_norm=MODEL_TYPES[model_type][0],
+            max_seq_len=int(d.get("max_position_embeddings", 2048)),
+            param_dtype=dtype if dtype in DTYPES else "float32",
+            bos_id=_first(d.get("bos_token_id")), eos_id=_first(d.get("eos_token_id")))
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a field of the wrong type: "x", null, 0 heads
+        raise UserError(f"config.json has a field of the wrong type ({type(e).__name__}: {e}); fix or re-download "
+                        f"it") from None
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> Dict[str, Any]:
