@@ -7,19 +7,21 @@ continuation is decoded token by token through the compressed cache (`cache_scor
 compare's decoded perplexity and multiple choice do. loglikelihood_rolling splits a text into lm-eval's disjoint
 windows of max_length tokens, each a one-token prompt (BOS, else EOS) and a continuation decoded through the
 cache; generate_until prefills the prompt and generates through the cache (`inference.generate`). Requests are
-grouped by padded shape and method and run `batch_size` rows at a time (one compilation per group shape).
+grouped by padded shape and method and run `batch_size` rows at a time (one compilation per group shape);
+contexts and continuations are padded to geometric buckets from `context_pad` and `continuation_pad` tokens (larger
+values: fewer shapes to compile, more padding to compute).
 
 The method's compression is measured, not assumed: `get_model_info()` (results["config"]["dmc_jax"]) holds, per
 request type, the tokens the cache received, the entries it kept at the end of each request (summed over layers
 and KV heads), their ratio (the logical CR) and the cache bytes allocated per sequence.
 
 model_args: source (required), cache (default dense), ratio or budget (budgeted eviction caches), budget_step,
-max_length, dtype, seed, add_bos, max_gen_toks, and any field of the cache section (lm_eval_model.CACHE_DEFAULTS).
+max_length, dtype, seed, add_bos, max_gen_toks, context_pad, continuation_pad, and any field of the cache section (lm_eval_model.CACHE_DEFAULTS).
 """
 
 from __future__ import annotations
 
-import logging
+import sys
 from collections import defaultdict
 from typing import Optional
 
@@ -34,7 +36,6 @@ from dmc_jax.errors import UserError
 from dmc_jax.evaluation import lm_eval_model
 from dmc_jax.evaluation.cache_scoring import score_continuations
 
-log = logging.getLogger(__name__)
 
 
 def bucket(n: int, smallest: int) -> int:
@@ -80,7 +81,7 @@ class DmcJaxLM(TemplateLM):
     """lm-eval LM over a dmc_jax model and cache method (see the module docstring for model_args)."""
 
     def __init__(self, source: Optional[str] = None, cache: str = "dense", batch_size=8, add_bos=False,
-                 max_gen_toks=256, device=None, max_batch_size=None, **kwargs):
+                 max_gen_toks=256, context_pad=16, continuation_pad=4, device=None, max_batch_size=None, **kwargs):
         super().__init__()
         del device, max_batch_size  # JAX places arrays on its default device; batches have a fixed size
         try:
@@ -88,6 +89,10 @@ class DmcJaxLM(TemplateLM):
             self.batch_size = self._batch_size(batch_size)
             self.add_bos = lm_eval_model._typed("add_bos", add_bos, False)
             self.max_gen_toks = lm_eval_model._typed("max_gen_toks", max_gen_toks, 1)
+            self.pads = tuple(lm_eval_model._typed(k, v, 1) for k, v in (("context_pad", context_pad),
+                                                                        ("continuation_pad", continuation_pad)))
+            if min(self.pads + (self.max_gen_toks,)) < 1:
+                raise UserError("model_args context_pad, continuation_pad and max_gen_toks must be >= 1")
         except UserError as e:
             raise ModelArgsError(str(e)) from None
         self.model = self.loaded.model
@@ -178,7 +183,7 @@ class DmcJaxLM(TemplateLM):
         for i, (ctx, cont) in enumerate(pairs):
             ctx, cont = self._fit(ctx, cont)
             method = self.loaded.method_for(len(ctx) + len(cont))
-            groups[(bucket(len(ctx), 16), bucket(len(cont), 4), method)].append((i, ctx, cont))
+            groups[(bucket(len(ctx), self.pads[0]), bucket(len(cont), self.pads[1]), method)].append((i, ctx, cont))
         out: list = [None] * len(pairs)
         for (T, N, method), rows in groups.items():
             rows.sort(key=lambda r: -(len(r[1]) + len(r[2])))
@@ -208,7 +213,8 @@ class DmcJaxLM(TemplateLM):
 
     def _log_stats(self, kind: str) -> None:
         stats = self.meter.report().get(kind)
-        if stats:
-            log.info("dmc_jax %s (%s): %d requests, compression ratio %.2f, cache %.2f MB allocated per sequence",
-                     kind, self.loaded.description["cache"], stats["requests"], stats["compression_ratio"],
-                     stats["cache_bytes_allocated_per_sequence"] / 2**20)
+        if stats:  # printed: lm-eval's logging setup shows only its own loggers
+            print(f"[dmc_jax] {kind} through cache {self.loaded.description['cache']}: {stats['requests']} requests, "
+                  f"compression ratio {stats['compression_ratio']:.2f}, "
+                  f"{stats['cache_bytes_allocated_per_sequence'] / 2**20:.2f} MB cache per sequence",
+                  file=sys.stderr, flush=True)

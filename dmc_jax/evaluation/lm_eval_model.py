@@ -91,8 +91,8 @@ def load(source: Optional[str] = None, cache: str = "dense", ratio=None, budget=
     unknown = sorted(set(cache_fields) - set(CACHE_DEFAULTS))
     if unknown:
         raise UserError(f"model_args {unknown[0]!r} is not an argument of the dmc_jax backend; use source, cache, "
-                        f"ratio, budget, budget_step, max_length, dtype, seed, batch_size, add_bos, max_gen_toks or "
-                        f"a cache field ({', '.join(CACHE_DEFAULTS)})")
+                        f"ratio, budget, budget_step, max_length, dtype, seed, batch_size, add_bos, max_gen_toks, "
+                        f"context_pad, continuation_pad or a cache field ({', '.join(CACHE_DEFAULTS)})")
     fields = {k: _typed(k, v, CACHE_DEFAULTS[k]) for k, v in cache_fields.items()}
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"model_args dtype={dtype!r}: use float32 or bfloat16")
