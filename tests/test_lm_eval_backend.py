@@ -144,6 +144,20 @@ def test_ratio_sets_each_request_budget():
     assert [bucket(n, 4) for n in (1, 4, 5, 6, 7, 9, 13, 100)] == [4, 4, 6, 6, 8, 12, 16, 128]
 
 
+def test_entry_point_resolves_to_the_backend():
+    """lm-eval releases with plugin discovery register each `lm_eval.models` entry point as a lazy placeholder in
+    the model registry (`lm_eval --model dmc_jax` then needs no launcher); resolve ours the same way."""
+    from importlib.metadata import entry_points
+
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import Registry
+
+    (ep,) = [e for e in entry_points(group="lm_eval.models") if e.name == "dmc_jax"]
+    registry = Registry("model", base_cls=LM)
+    registry.register("dmc_jax", target=ep)
+    assert registry.get("dmc_jax") is DmcJaxLM
+
+
 @pytest.mark.parametrize("args, message", [
     (dict(cache="h2o", ratio=2), "needs source="),
     (dict(source="tiny", cache="lru"), "cache='lru' is not a cache method"),
@@ -162,7 +176,7 @@ def test_bad_model_args_are_one_line_errors(args, message):
 def test_command_line(tmp_path):
     """The launcher runs lm-eval's own command line; a bad model_arg ends with one line and exit status 2."""
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", JAX_PLATFORMS="cpu")
-    base = [sys.executable, "-m", "dmc_jax.evaluation.lm_eval_cli", "--model", "dmc_jax", "--tasks", GEN,
+    base = [sys.executable, "-m", "dmc_jax.evaluation.lm_eval_cli", "--model", "dmc_jax", "--tasks", MC,
             "--include_path", TASKS_DIR]
     bad = subprocess.run(base + ["--model_args", "source=tiny,cache=lru"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -172,4 +186,5 @@ def test_command_line(tmp_path):
                                 "--output_path", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "exact_match" in ok.stdout
+    assert "dmc_jax_fixture_mc" in ok.stdout and "acc_norm" in ok.stdout  # lm-eval's results table
+    assert "[dmc_jax] loglikelihood through cache dense: 3 requests, compression ratio 1.00" in ok.stderr

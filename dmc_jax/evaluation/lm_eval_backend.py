@@ -85,14 +85,14 @@ class DmcJaxLM(TemplateLM):
         super().__init__()
         del device, max_batch_size  # JAX places arrays on its default device; batches have a fixed size
         try:
-            self.loaded = lm_eval_model.load(source, cache, **kwargs)
             self.batch_size = self._batch_size(batch_size)
-            self.add_bos = lm_eval_model._typed("add_bos", add_bos, False)
-            self.max_gen_toks = lm_eval_model._typed("max_gen_toks", max_gen_toks, 1)
-            self.pads = tuple(lm_eval_model._typed(k, v, 1) for k, v in (("context_pad", context_pad),
+            self.add_bos = lm_eval_model.typed("add_bos", add_bos, False)
+            self.max_gen_toks = lm_eval_model.typed("max_gen_toks", max_gen_toks, 1)
+            self.pads = tuple(lm_eval_model.typed(k, v, 1) for k, v in (("context_pad", context_pad),
                                                                         ("continuation_pad", continuation_pad)))
             if min(self.pads + (self.max_gen_toks,)) < 1:
                 raise UserError("model_args context_pad, continuation_pad and max_gen_toks must be >= 1")
+            self.loaded = lm_eval_model.load(source, cache, **kwargs)  # last: loading the weights takes a while
         except UserError as e:
             raise ModelArgsError(str(e)) from None
         self.model = self.loaded.model
@@ -105,7 +105,7 @@ class DmcJaxLM(TemplateLM):
     def _batch_size(value) -> int:
         if str(value).startswith("auto"):  # no memory probing: the fixed default
             return 8
-        size = lm_eval_model._typed("batch_size", value, 1)
+        size = lm_eval_model.typed("batch_size", value, 1)
         if size < 1:
             raise UserError(f"batch_size={size} must be >= 1")
         return size
@@ -130,6 +130,13 @@ class DmcJaxLM(TemplateLM):
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens)
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """--apply_chat_template: the model's own template (from its tokenizer files / GGUF)."""
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, chat_template=False) -> str:
+        return self.tokenizer_name if chat_template else ""
 
     def get_model_info(self) -> dict:
         return {"dmc_jax": {**self.loaded.description, "cache_stats": self.meter.report()}}

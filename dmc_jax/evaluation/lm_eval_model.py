@@ -36,7 +36,7 @@ class Loaded:
     description: dict
 
 
-def _typed(name: str, value, default):
+def typed(name: str, value, default):
     """value (a string from the command line, or already typed) as the type of default."""
     try:
         if isinstance(default, bool):
@@ -93,7 +93,7 @@ def load(source: Optional[str] = None, cache: str = "dense", ratio=None, budget=
         raise UserError(f"model_args {unknown[0]!r} is not an argument of the dmc_jax backend; use source, cache, "
                         f"ratio, budget, budget_step, max_length, dtype, seed, batch_size, add_bos, max_gen_toks, "
                         f"context_pad, continuation_pad or a cache field ({', '.join(CACHE_DEFAULTS)})")
-    fields = {k: _typed(k, v, CACHE_DEFAULTS[k]) for k, v in cache_fields.items()}
+    fields = {k: typed(k, v, CACHE_DEFAULTS[k]) for k, v in cache_fields.items()}
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"model_args dtype={dtype!r}: use float32 or bfloat16")
     if ratio is not None and budget is not None:
@@ -104,15 +104,15 @@ def load(source: Optional[str] = None, cache: str = "dense", ratio=None, budget=
                                             if cache.startswith("dmc") else ""))
     if cache in BUDGETED and ratio is None and budget is None:
         raise UserError(f"cache={cache} needs ratio=R (each request keeps 1/R of its tokens) or budget=N (slots)")
-    ratio = None if ratio is None else _typed("ratio", ratio, 1.0)
+    ratio = None if ratio is None else typed("ratio", ratio, 1.0)
     if ratio is not None and ratio < 1:
         raise UserError(f"model_args ratio={ratio} must be >= 1 (the compression ratio)")
-    step = _typed("budget_step", budget_step, 1)
+    step = typed("budget_step", budget_step, 1)
     if step < 1:
         raise UserError(f"model_args budget_step={step} must be >= 1")
     if budget is not None:
-        fields["budget"] = _typed("budget", budget, 1)
-    seed, max_length = _typed("seed", seed, 0), _typed("max_length", max_length, 0)
+        fields["budget"] = typed("budget", budget, 1)
+    seed, max_length = typed("seed", seed, 0), typed("max_length", max_length, 0)
 
     model, make = model_and_methods(source, cache, fields, dtype, max_length, seed)
     if model.tokenizer is None:
