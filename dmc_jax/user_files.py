@@ -38,17 +38,22 @@ def _read_bytes(path: str, what: str) -> bytes:
         raise UserError(f"cannot read {what} {path!r} ({e.strerror}); fix its permissions") from None
 
 
-def read_text(path: str, what: str) -> str:
-    """The UTF-8 text of path (a leading BOM dropped, newlines normalized)."""
-    raw = _read_bytes(path, what)
+def decode_text(raw: bytes, name: str, if_binary: str = "give a UTF-8 text file",
+                if_not_utf8: str = "convert it to UTF-8") -> str:
+    """raw as UTF-8 text (a leading BOM dropped, newlines normalized); `name` (e.g. "prompt file 'x'") and the
+    remedies go into the one-line UserError for binary or non-UTF-8 bytes."""
     if b"\x00" in raw:
-        raise UserError(f"{what} {path!r} looks binary (it contains NUL bytes); give a UTF-8 text file")
+        raise UserError(f"{name} looks binary (it contains NUL bytes); {if_binary}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path!r} is not UTF-8 text (bad byte at offset {e.start}); convert it to "
-                        f"UTF-8") from None
+        raise UserError(f"{name} is not UTF-8 text (bad byte at offset {e.start}); {if_not_utf8}") from None
     return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text of path (a leading BOM dropped, newlines normalized)."""
+    return decode_text(_read_bytes(path, what), f"{what} {path!r}")
 
 
 def read_json(path: str, what: str) -> Any:

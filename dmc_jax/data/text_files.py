@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence
 from tqdm.auto import tqdm
 
 from dmc_jax.errors import UserError
+from dmc_jax.user_files import decode_text
 
 SUFFIXES = (".txt", ".txt.gz", ".md")
 UNITS = ("paragraph", "file")
@@ -62,15 +63,8 @@ def read_text_file(path: pathlib.Path) -> str:
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read corpus file {str(path)!r} ({type(e).__name__}: {e}); fix its permissions or "
                         f"remove it from the corpus directory") from None
-    if b"\x00" in raw:
-        raise UserError(f"corpus file {str(path)!r} looks binary (it contains NUL bytes); remove it from the "
-                        f"corpus directory")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"corpus file {str(path)!r} is not UTF-8 text (bad byte at offset {e.start}); convert it "
-                        f"to UTF-8 or remove it") from None
-    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    return decode_text(raw, f"corpus file {str(path)!r}", if_binary="remove it from the corpus directory",
+                       if_not_utf8="convert it to UTF-8 or remove it")
 
 
 def split_documents(text: str, unit: str, min_chars: int = 0) -> list[str]:
