@@ -77,6 +77,9 @@ def _size_paged(method, cfg: ModelConfig, budget: int, max_tokens: int, max_rows
     expected = heads * math.ceil(max_tokens / (cr * N))
     rows = max_rows or max(1, (budget - fixed - heads * page_bytes) // (per_row + expected * page_bytes))
     pages = (budget - fixed - rows * per_row) // page_bytes
+    while not max_rows and rows > 1 and pages < worst:  # derived rows: fewer, so a lone sequence always fits
+        rows -= 1
+        pages = (budget - fixed - rows * per_row) // page_bytes
     if pages < worst:
         raise UserError(f"serve.cache_mb={budget / MIB:g} leaves {max(pages, 0)} pages of {N} slots for "
                         f"{rows} rows; cache.method={method.name} needs at least {worst} (one uncompressed sequence "

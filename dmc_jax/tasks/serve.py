@@ -65,7 +65,9 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
           f", {info['cache_mib']:.1f} MiB of cache; OpenAI API at {info['url']} (Ctrl-C stops)", flush=True)
     start = time.perf_counter()
     try:
-        server.run()  # returns on Ctrl-C / SIGTERM after a graceful shutdown
+        server.run()  # returns on SIGTERM after a graceful shutdown
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn shuts down gracefully, then re-raises it
+        print("stopped by Ctrl-C", flush=True)
     finally:
         engine.stop()
     m = engine.metrics
