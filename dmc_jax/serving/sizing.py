@@ -74,7 +74,7 @@ def _size_paged(method, cfg: ModelConfig, budget: int, max_tokens: int, max_rows
     heads = cfg.num_layers * cfg.num_kv_heads
     worst = heads * math.ceil(max_tokens / N) + heads  # one uncompressed sequence and one step of reserve
     cr = float(getattr(method, "target_cr", 0.0) or 1.0)
-    expected = heads * math.ceil(max_tokens / (cr * N))
+    expected = heads * math.ceil(max_tokens / (cr * N)) + heads  # + the step reserve the engine keeps per row
     rows = max_rows or max(1, (budget - fixed - heads * page_bytes) // (per_row + expected * page_bytes))
     pages = (budget - fixed - rows * per_row) // page_bytes
     while not max_rows and rows > 1 and pages < worst:  # derived rows: fewer, so a lone sequence always fits
