@@ -1,7 +1,7 @@
 """A continuous-batching engine over any cache method: a fixed cache of R rows, one decode step for all of them.
 
 One thread owns the cache. Between decode steps it frees the rows whose request finished or was cancelled, admits
-queued requests into free rows (one prefill each, prompts padded to power-of-two buckets), then runs ONE jitted
+queued requests into free rows (one prefill each, prompts padded to buckets b, 1.5b, 2b, 3b, ...), then runs ONE jitted
 decode step over every row (steps.py). Requests wait in a FIFO queue while no row is free; nothing fails because
 the server is busy.
 
@@ -240,7 +240,13 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ device work
     def _bucket(self, n: int) -> int:
-        return min(self.capacity, max(self.min_bucket, 1 << max(0, (n - 1).bit_length())))
+        """Padded prompt length: b, 1.5b, 2b, 3b, 4b, ... from b = min_bucket (at most 1/3 padding, a few shapes)."""
+        b = self.min_bucket
+        while True:
+            for size in (b, b + b // 2):
+                if size >= n:
+                    return min(size, self.capacity)
+            b *= 2
 
     def _set_sampling(self, row: int, r: Request) -> None:
         s = self.sampling

@@ -17,7 +17,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_tokens = 0          # tokens per sequence (prompt + completion); 0 = model.max_seq_len
     c.max_rows = 0            # sequences decoding at once; 0 = as many as cache_mb holds (>0: exactly this many)
     c.model_name = ""         # the id clients send as `model`; '' = the last part of model.source
-    c.min_prompt_bucket = 32  # prompts are padded to powers of two from this (a few prefill shapes to compile)
+    c.min_prompt_bucket = 32  # prompts are padded to b, 1.5b, 2b, 3b, 4b, ... from b = this (a few prefill shapes)
     c.log_level = "warning"   # uvicorn's log level: critical | error | warning | info | debug | trace
     return c
 
