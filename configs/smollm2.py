@@ -9,11 +9,12 @@ from dmc_jax.cache import registry as cache_registry
 from dmc_jax.data import options as data_options
 from dmc_jax.evaluation import compare_options
 from dmc_jax.kv_heads import options as kv_heads_options
+from dmc_jax.serving import options as serve_options
 
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.task = "demo"          # demo | generate | eval | bench | prepare_data
+    c.task = "demo"          # demo | generate | eval | bench | prepare_data | serve
     c.output_dir = ""        # '' = runs/<task>-<timestamp>; results.json is written there
     c.seed = 0
 
@@ -51,6 +52,8 @@ def get_config():
 
     c.kv_heads = kv_heads_options.default_config()  # task convert_kv_heads; see dmc_jax/kv_heads/options.py
     c.compare = compare_options.default_config()    # task compare; see dmc_jax/evaluation/compare_options.py
+
+    c.serve = serve_options.default_config()        # task serve; see dmc_jax/serving/options.py
 
     c.bench = ml_collections.ConfigDict()
     c.bench.prefill_len = 512

@@ -8,7 +8,7 @@ from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
-         "compare", "methods", "convert_megatron")
+         "compare", "methods", "convert_megatron", "serve")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -84,6 +84,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _sections(config, ("convert",))
         from dmc_jax.weights.convert_options import validate as validate_convert  # the section validates itself
         validate_convert(config.convert)
+    if config.task == "serve":
+        _sections(config, ("serve", "cache"))
+        from dmc_jax.serving.options import validate as validate_serve  # the section validates itself
+        validate_serve(config.serve)
     if config.task in ("train", "retrofit", "plan"):
         _sections(config, ("data", "train", "optim", "checkpoint"))
         _validate_training(config)

@@ -21,7 +21,7 @@ _TASKS = {"demo": ("dmc_jax.tasks.demo", True), "generate": ("dmc_jax.tasks.gene
           "prepare_data": ("dmc_jax.tasks.prepare_data", False), "train": ("dmc_jax.tasks.train", True, "training"),
           "retrofit": ("dmc_jax.tasks.retrofit", True, "training"), "plan": ("dmc_jax.tasks.plan", False),
           "convert_kv_heads": ("dmc_jax.tasks.convert_kv_heads", True), "compare": ("dmc_jax.tasks.compare", True),
-          "methods": ("dmc_jax.tasks.methods", False),
+          "methods": ("dmc_jax.tasks.methods", False), "serve": ("dmc_jax.tasks.serve", True),
           "convert_megatron": ("dmc_jax.tasks.convert_megatron", False)}
 
 
