@@ -69,8 +69,13 @@ class Setup:
     replicated: NamedSharding
     tx: Any
     schedule: Any
-    train_step: Callable  # (params, opt_state, batch, rng, step) -> (params, opt_state, metrics); 0, 1 donated
-    eval_step: Callable  # (params, batch, step) -> weighted sums {'loss', CE, WEIGHT}
+    train_step: Callable  # (params, opt_state, batch, rng, step[, frozen]) -> (params, opt_state, metrics); 0, 1 donated
+    eval_step: Callable  # (params, batch, step[, frozen]) -> weighted sums {'loss', CE, WEIGHT}
+    frozen_shardings: Any = None  # of the objective's non-trained inputs (a distillation teacher), if any
+
+    def put_frozen(self, frozen) -> tuple:
+        """() or (frozen on the mesh,): the trailing arguments of train_step / eval_step."""
+        return () if frozen is None else (jax.device_put(frozen, self.frozen_shardings),)
 
     def init_state(self, params, seed: int) -> tuple:
         """(params, optimizer state, base RNG key) placed on the mesh."""
@@ -100,8 +105,9 @@ def mesh_options(config) -> tuple[dict, tuple]:
     return {**{a: mesh[a] for a in sharding.AXES}, **dcn}, rules
 
 
-def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None) -> Setup:
-    """Mesh, shardings and the jitted steps for params (arrays or ShapeDtypeStructs) of cfg."""
+def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None, frozen=None) -> Setup:
+    """Mesh, shardings and the jitted steps for params (arrays or ShapeDtypeStructs) of cfg; frozen: the
+    objective's non-trained inputs (objective.frozen_inputs), sharded like the weights of its teacher_cfg."""
     sizes, rules = mesh_options(config)
     mesh = sharding.make_mesh(sizes, devices)
     p_sh = sharding.param_shardings(logical_axes(cfg), params, mesh, rules)
@@ -114,11 +120,14 @@ def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None) 
     step_fn = make_train_step(objective, tx, schedule, config.train.grad_accum)
     if config.train.get("offload_opt_state", False):  # optimizer state in pinned host memory between steps
         step_fn, o_sh = offload.offloaded(step_fn, o_sh), offload.host_shardings(o_sh)
+    f_sh = None if frozen is None else sharding.param_shardings(
+        logical_axes(getattr(objective, "teacher_cfg", None) or cfg), frozen, mesh, rules)
+    extra = () if frozen is None else (f_sh,)  # the steps take `frozen` as a last argument only when there is one
     train_step = jax.jit(hints(step_fn),
-                         in_shardings=(p_sh, o_sh, b_sh, rep, rep), out_shardings=(p_sh, o_sh, rep),
+                         in_shardings=(p_sh, o_sh, b_sh, rep, rep, *extra), out_shardings=(p_sh, o_sh, rep),
                          donate_argnums=(0, 1))
-    eval_step = jax.jit(hints(make_eval_step(objective)), in_shardings=(p_sh, b_sh, rep), out_shardings=rep)
-    return Setup(mesh, rules, p_sh, o_sh, b_sh, rep, tx, schedule, train_step, eval_step)
+    eval_step = jax.jit(hints(make_eval_step(objective)), in_shardings=(p_sh, b_sh, rep, *extra), out_shardings=rep)
+    return Setup(mesh, rules, p_sh, o_sh, b_sh, rep, tx, schedule, train_step, eval_step, f_sh)
 
 
 def fingerprint(params, opt_abstract, config) -> dict:
@@ -169,13 +178,13 @@ def _mean_window(window: list[dict]) -> dict:
     return out
 
 
-def evaluate(s: Setup, params, eval_batches: Iterable[dict], max_batches: int, step: int) -> dict:
+def evaluate(s: Setup, params, eval_batches: Iterable[dict], max_batches: int, step: int, frozen=()) -> dict:
     """{'eval/loss', 'eval/perplexity', 'eval/weight'} over the validation batches (max_batches, 0 = all)."""
     sums = None
     for i, batch in enumerate(eval_batches):
         if max_batches and i >= max_batches:
             break
-        out = s.eval_step(params, s.put_batch(batch), jnp.int32(step))
+        out = s.eval_step(params, s.put_batch(batch), jnp.int32(step), *frozen)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if sums is None:
         raise UserError("the validation split yielded no batch; set data.eval_split or train.eval_every=0")
@@ -194,7 +203,10 @@ def train(config, model, objective: Objective, data: TrainData) -> dict:
     if isinstance(params["layers"], tuple):
         raise ValueError("training needs the stacked parameter layout: load_model(config, layout='training')")
     run_dir = _run_dir(config)
-    s = setup(config, cfg, params, objective)
+    frozen_inputs = getattr(objective, "frozen_inputs", None)  # e.g. a teacher: the initial weights, copied
+    frozen = frozen_inputs(params) if frozen_inputs is not None else None
+    s = setup(config, cfg, params, objective, frozen=frozen)
+    frozen = s.put_frozen(frozen)  # () without one
     abstract = s.abstract_state(params)
     fp = fingerprint(params, abstract["opt_state"], config)
     ckpt_dir = c.dir or os.path.join(run_dir, "checkpoints")
@@ -268,7 +280,8 @@ def train(config, model, objective: Objective, data: TrainData) -> dict:
                 changed = on_step(params, step)
                 if changed is not params:
                     params = jax.device_put(changed, s.param_shardings)
-            params, opt_state, metrics = s.train_step(params, opt_state, s.put_batch(batch), rng, jnp.int32(step))
+            params, opt_state, metrics = s.train_step(params, opt_state, s.put_batch(batch), rng, jnp.int32(step),
+                                                      *frozen)
             if pending is not None:
                 finish(pending)
             pending = (step + 1, metrics, tokens)
@@ -292,7 +305,7 @@ def train(config, model, objective: Objective, data: TrainData) -> dict:
                 ckpt.save(done, {"params": params, "opt_state": opt_state, "rng": rng}, iterator, fp)
                 last_saved = done
             if run_eval:
-                last_eval = evaluate(s, params, data.eval(), t.eval_batches, done)
+                last_eval = evaluate(s, params, data.eval(), t.eval_batches, done, frozen)
                 writer.write(done, last_eval)
                 bar.write(f"step {done}: eval loss {last_eval['eval/loss']:.4f}, "
                           f"perplexity {last_eval['eval/perplexity']:.3f}")

@@ -55,6 +55,8 @@ class Objective(Protocol):
     # Optional hooks, looked up with getattr by the loop:
     #   on_step(params, step) -> params         host-side, before update `step` (e.g. DMC's weight surgery)
     #   scale_updates(updates) -> updates       inside the jitted step, after the optimizer (per-parameter LR)
+    #   frozen_inputs(initial_params) -> pytree  host-side, once: non-trained inputs of every step (a teacher)
+    #   bind(frozen) -> Objective                inside the jitted step: the objective that uses them
 
 
 class LanguageModelObjective:
@@ -63,10 +65,16 @@ class LanguageModelObjective:
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
 
-    def loss(self, params, batch: Batch, rng, step):
+    has_decision_params = False  # nothing but the base weights (up-trained GQA trains all of them)
+
+    def student(self, params, batch: Batch, rng, step):
+        """(logits_BTV, extra loss 0, no metrics): what training/distill.py distills."""
         logits_BTV, _ = llama.forward_aux(params, batch["tokens"], self.cfg, batch["positions"],
                                           batch["segment_ids"], attention=llama.causal_attention)
-        return token_cross_entropy(logits_BTV, batch)
+        return logits_BTV, jnp.float32(0.0), {}
+
+    def loss(self, params, batch: Batch, rng, step):
+        return token_cross_entropy(self.student(params, batch, rng, step)[0], batch)
 
 
 def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
@@ -84,6 +92,7 @@ def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array,
 OBJECTIVES = {
     "lm": "dmc_jax.training.objective:make_language_model",
     "dmc": "dmc_jax.dmc.objective:make",
+    "dms": "dmc_jax.dms.objective:make",
 }
 
 
@@ -98,4 +107,6 @@ def make_objective(name: str, config, cfg: ModelConfig) -> Objective:
         raise UserError(f"train.objective must be one of {', '.join(sorted(OBJECTIVES))}; got {name!r}")
     module, attr = OBJECTIVES[name].split(":")
     factory: Callable = getattr(importlib.import_module(module), attr)
-    return factory(config, cfg)
+    from dmc_jax.training.distill import wrap  # the config's distill section: loss and parameter groups
+
+    return wrap(factory(config, cfg), config, cfg)
