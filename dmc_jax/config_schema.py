@@ -9,7 +9,8 @@ from dmc_jax.model.config import DTYPES
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
          "compare")
-CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped", "dmc", "dmc_paged")
+CACHE_METHODS = ("dense", "streaming_llm", "h2o", "tova", "snapkv", "corm", "corm_capped", "dmc", "dmc_paged",
+                 "dms")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -96,6 +97,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _sections(config, ("dmc",) + (("retrofit",) if config.task == "retrofit" else ()))
         from dmc_jax.dmc.objective import validate as validate_dmc
         validate_dmc(config.dmc)
+    if config.task == "train" and config.train.objective == "dms":
+        _sections(config, ("dms",))
+        from dmc_jax.dms.objective import validate as validate_dms
+        validate_dms(config.dms, config.data.seq_len)
+    if "distill" in config and config.task in ("train", "retrofit"):
+        from dmc_jax.training.distill import validate as validate_distill
+        validate_distill(config.distill)
     if "data" in config and config.task in ("prepare_data", "demo", "train", "retrofit"):
         from dmc_jax.data import options as data_options  # the data section validates itself
         data_options.validate(config.data)

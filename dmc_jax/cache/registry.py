@@ -18,6 +18,14 @@ from dmc_jax.cache.tova import TOVACache
 from dmc_jax.errors import UserError
 
 
+def _dms(c):
+    """DMS cache: hyper-parameters from the cache section's `dms` subsection (configs/smollm2_dms.py), else defaults."""
+    from dmc_jax.cache.dms import DMSCache
+    from dmc_jax.dms.objective import default_config, dms_config
+    return DMSCache(dms_config(c.get("dms") or default_config()), capacity=c.capacity, target_cr=c.target_cr,
+                    margin=c.margin, on_overflow=c.on_overflow)
+
+
 def _corm(c, budget):
     return CORMCache(budget=budget, window=c.corm_window, recent=c.corm_recent, alpha=c.corm_alpha)
 
@@ -31,6 +39,7 @@ METHODS = {
                                     decode_evict=c.snapkv_decode_evict),
     "corm": lambda c: _corm(c, 0),  # adaptive: the rule alone decides (buffer = max_tokens slots)
     "corm_capped": lambda c: _corm(c, c.budget),
+    "dms": lambda c: _dms(c),
 }
 
 
