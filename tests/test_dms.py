@@ -193,3 +193,20 @@ def test_objective_surgery_ramp_and_gradient():
     grads = jax.grad(lambda p: obj.loss(p, batch, jax.random.PRNGKey(0), 5)[0])(params)
     g = np.asarray(grads["layers"]["q"][..., ::cfg.group_size, -1])
     assert np.abs(g).max() > 0  # the compression loss reaches the decision columns through the straight-through
+
+
+def test_config_validates_and_registers_the_cache():
+    import os
+
+    from dmc_jax import config_schema
+    from dmc_jax.cache.registry import make_method
+    from dmc_jax.config_loader import load_config_file
+
+    c = load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "smollm2_dms.py"))
+    config_schema.validate(c)
+    method = make_method(c.cache)
+    assert isinstance(method, DMSCache) and method.dms.window == c.dms.window == 16
+    assert method.dms.decision_channel == 20 and method.target_cr == 4.0
+    c.dms.window = 256
+    with pytest.raises(UserError, match="dms.window=256 is not shorter than data.seq_len=256"):
+        config_schema.validate(c)
