@@ -69,7 +69,7 @@ class Setup:
     replicated: NamedSharding
     tx: Any
     schedule: Any
-    train_step: Callable  # (params, opt_state, batch, rng, step[, frozen]) -> (params, opt_state, metrics); 0, 1 donated
+    train_step: Callable  # (params, opt_state, batch, rng, step[, frozen]) -> (params, opt_state, metrics); 0,1 donated
     eval_step: Callable  # (params, batch, step[, frozen]) -> weighted sums {'loss', CE, WEIGHT}
     frozen_shardings: Any = None  # of the objective's non-trained inputs (a distillation teacher), if any
 
