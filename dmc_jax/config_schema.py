@@ -101,6 +101,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if trained is not None:  # the trained section of the method this run trains validates itself
         _sections(config, (trained.section,) + (("retrofit",) if config.task == "retrofit" else ()))
         trained.validate(config[trained.section])
+        if trained.validate_run is not None:
+            trained.validate_run(config[trained.section], config)
+    if "distill" in config and config.task in ("train", "retrofit"):
+        from dmc_jax.training.distill import validate as validate_distill
+        validate_distill(config.distill)
     if "data" in config and config.task in ("prepare_data", "demo", "train", "retrofit"):
         from dmc_jax.data import options as data_options  # the data section validates itself
         data_options.validate(config.data)

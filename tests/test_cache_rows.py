@@ -31,6 +31,8 @@ def _method(name):
         hparams = registry.trained_defaults(trained.section)
         if trained.section == "dmc":  # offset 0: a mix of appends and merges on the random model
             hparams.update(dict(decision_offset=0.0, window=3))
+        if trained.section == "dms":  # a short window and offset 0: evictions within the test's 32 tokens
+            hparams.update(dict(decision_offset=0.0, window=3))
     return registry.build(name, cache, hparams)
 
 

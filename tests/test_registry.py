@@ -156,7 +156,7 @@ def test_every_builtin_method_is_registered_with_consistent_traits():
         assert method.name == name
         if spec.trained is not None:
             assert registry.get(spec.trained.serve_method).trained is spec.trained
-    assert set(registry.trained_sections()) == {"dmc"}
+    assert set(registry.trained_sections()) == {"dmc", "dms"}
     with pytest.raises(UserError, match="cache.method must be one of auto, dense"):
         registry.get("magic")
     with pytest.raises(ValueError, match="registered twice"):

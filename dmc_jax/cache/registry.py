@@ -38,6 +38,7 @@ BUILTIN_MODULES = (
     "dmc_jax.cache.corm",
     "dmc_jax.cache.dmc_padded",
     "dmc_jax.cache.dmc_paged",
+    "dmc_jax.cache.dms",
 )
 ENTRY_POINT_GROUP = "dmc_jax.cache_methods"
 AUTO = "auto"
@@ -54,6 +55,8 @@ class TrainedMethod:
     evaluate: 'module:factory' of factory(section, control: bool) -> the training-form attention that computes
         exactly what the inference cache keeps (hard decisions), for held-out perplexity after training.
     serve_method: the cache method a model trained for this is served with by default (cache.method 'auto').
+    validate_run: optional checks of the section against the rest of a training run's config (section, config),
+        e.g. DMS's window against data.seq_len.
     """
 
     section: str
@@ -62,6 +65,7 @@ class TrainedMethod:
     objective: str
     evaluate: str = ""
     serve_method: str = ""
+    validate_run: Optional[Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +120,11 @@ def _load() -> None:
     _loaded = True
     for module in BUILTIN_MODULES:
         importlib.import_module(module)
+    # Built-ins in BUILTIN_MODULES order (a test may have imported one of them first), then the others.
+    order = {m: i for i, m in enumerate(BUILTIN_MODULES)}
+    ranked = sorted(_SPECS.values(), key=lambda spec: order.get(spec.build.__module__, len(order)))
+    _SPECS.clear()
+    _SPECS.update((spec.name, spec) for spec in ranked)
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):

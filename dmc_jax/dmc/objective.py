@@ -39,7 +39,10 @@ class DMCObjective:
     control: bool = False
     decision_lr_scale: float = 1.0
 
-    def loss(self, params, batch, rng: Optional[jax.Array], step):
+    has_decision_params = True  # the W_q/W_k columns of the decision channel (training/distill.py)
+
+    def student(self, params, batch, rng: Optional[jax.Array], step):
+        """(logits_BTV, weighted compression loss, metrics) of the DMC model on batch."""
         step = jnp.asarray(step, jnp.int32)
         active = step >= self.zero_out_steps
         if self.control:
@@ -49,18 +52,29 @@ class DMCObjective:
                                  fade=fade_factor(step, self.zero_out_steps))
         logits_BTV, aux = llama.forward_aux(params, batch["tokens"], self.cfg, batch["positions"],
                                             batch["segment_ids"], attention=attention, rng=rng)
-        ce, metrics = token_cross_entropy(logits_BTV, batch)
         valid_BT = batch["segment_ids"] > 0
         target = target_cr(step, self.final_cr, self.zero_out_steps, self.retrofit_steps)
         l_cr = compression_loss(aux["alpha_st_BTK"], valid_BT, target) if not self.control else jnp.float32(0.0)
         stats = decision_stats(jax.lax.stop_gradient(aux["alpha_st_BTK"]), valid_BT)
-        metrics.update({
-            CE: ce, "cr_loss": l_cr, "cr_target": target, "cr": compression_ratio(stats["alpha_mean"]),
+        metrics = {
+            "cr_loss": l_cr, "cr_target": target, "cr": compression_ratio(stats["alpha_mean"]),
             "cr_layer": compression_ratio(stats["alpha_layer"]),
             "cr_layer_head": compression_ratio(stats["alpha_layer_head"]),
             "stage": jnp.where(active, jnp.where(step >= self.zero_out_steps + self.retrofit_steps, 3, 2), 1),
-        })
-        return ce + self.cr_loss_weight * l_cr, metrics
+        }
+        return logits_BTV, self.cr_loss_weight * l_cr, metrics
+
+    def loss(self, params, batch, rng: Optional[jax.Array], step):
+        logits_BTV, penalty, metrics = self.student(params, batch, rng, step)
+        ce, ce_metrics = token_cross_entropy(logits_BTV, batch)
+        return ce + penalty, {**ce_metrics, **metrics, CE: ce}
+
+    def decision_mask(self, params):
+        """Pytree like params of (broadcastable) 0/1 masks: 1 on the W_q / W_k columns of the decision channel."""
+        col = jnp.zeros((1, 1, 1, self.cfg.head_dim), jnp.float32).at[..., self.dmc.channel(self.cfg.head_dim)].set(1)
+        mask = jax.tree.map(lambda _: 0.0, params)
+        mask["layers"] = {**mask["layers"], "q": col, "k": col}
+        return mask
 
     def scale_updates(self, updates):
         """Multiplies the updates of the W_q / W_k columns that produce the decision channel by decision_lr_scale.

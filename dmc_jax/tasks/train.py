@@ -28,11 +28,11 @@ def run(config, model) -> dict:
     if config.data.seq_len > model.cfg.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds the model's context length "
                         f"{model.cfg.max_seq_len}; lower data.seq_len")
+    objective = make_objective(config.train.objective, config, model.cfg)  # bad objective options fail first
     if jax.process_index() == 0:  # one process prepares the corpus (idempotent); the others wait for it
         prepare(config.data, tokenizer)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dmc_jax prepare_data")
-    objective = make_objective(config.train.objective, config, model.cfg)
     eval_data = None
     if config.train.eval_every:
         eval_dataset = pipeline.make_eval_dataset(config.data, tokenizer)  # fails now, not mid-run, if missing

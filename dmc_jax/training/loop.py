@@ -78,8 +78,13 @@ class Setup:
     replicated: NamedSharding
     tx: Any
     schedule: Any
-    train_step: Callable  # (params, opt_state, batch, rng, step) -> (params, opt_state, metrics); 0, 1 donated
-    eval_step: Callable  # (params, batch, step) -> weighted sums {'loss', CE, WEIGHT}
+    train_step: Callable  # (params, opt_state, batch, rng, step[, frozen]) -> (params, opt_state, metrics); 0,1 donated
+    eval_step: Callable  # (params, batch, step[, frozen]) -> weighted sums {'loss', CE, WEIGHT}
+    frozen_shardings: Any = None  # of the objective's non-trained inputs (a distillation teacher), if any
+
+    def put_frozen(self, frozen) -> tuple:
+        """() or (frozen on the mesh,): the trailing arguments of train_step / eval_step."""
+        return () if frozen is None else (jax.device_put(frozen, self.frozen_shardings),)
 
     def init_state(self, params, seed: int) -> tuple:
         """(params, optimizer state, base RNG key) placed on the mesh."""
@@ -109,8 +114,9 @@ def mesh_options(config) -> tuple[dict, tuple]:
     return {**{a: mesh[a] for a in sharding.AXES}, **dcn}, rules
 
 
-def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None) -> Setup:
-    """Mesh, shardings and the jitted steps for params (arrays or ShapeDtypeStructs) of cfg."""
+def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None, frozen=None) -> Setup:
+    """Mesh, shardings and the jitted steps for params (arrays or ShapeDtypeStructs) of cfg; frozen: the
+    objective's non-trained inputs (objective.frozen_inputs), sharded like the weights of its teacher_cfg."""
     sizes, rules = mesh_options(config)
     mesh = sharding.make_mesh(sizes, devices)
     p_sh = sharding.param_shardings(logical_axes(cfg), params, mesh, rules)
@@ -123,11 +129,14 @@ def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None) 
     step_fn = make_train_step(objective, tx, schedule, config.train.grad_accum)
     if config.train.get("offload_opt_state", False):  # optimizer state in pinned host memory between steps
         step_fn, o_sh = offload.offloaded(step_fn, o_sh), offload.host_shardings(o_sh)
+    f_sh = None if frozen is None else sharding.param_shardings(
+        logical_axes(getattr(objective, "teacher_cfg", None) or cfg), frozen, mesh, rules)
+    extra = () if frozen is None else (f_sh,)  # the steps take `frozen` as a last argument only when there is one
     train_step = jax.jit(hints(step_fn),
-                         in_shardings=(p_sh, o_sh, b_sh, rep, rep), out_shardings=(p_sh, o_sh, rep),
+                         in_shardings=(p_sh, o_sh, b_sh, rep, rep, *extra), out_shardings=(p_sh, o_sh, rep),
                          donate_argnums=(0, 1))
-    eval_step = jax.jit(hints(make_eval_step(objective)), in_shardings=(p_sh, b_sh, rep), out_shardings=rep)
-    return Setup(mesh, rules, p_sh, o_sh, b_sh, rep, tx, schedule, train_step, eval_step)
+    eval_step = jax.jit(hints(make_eval_step(objective)), in_shardings=(p_sh, b_sh, rep, *extra), out_shardings=rep)
+    return Setup(mesh, rules, p_sh, o_sh, b_sh, rep, tx, schedule, train_step, eval_step, f_sh)
 
 
 def fingerprint(params, opt_abstract, config) -> dict:
@@ -170,13 +179,13 @@ def _run_dir(config) -> str:
     return path
 
 
-def evaluate(s: Setup, params, eval_batches: Iterable[dict], max_batches: int, step: int) -> dict:
+def evaluate(s: Setup, params, eval_batches: Iterable[dict], max_batches: int, step: int, frozen=()) -> dict:
     """{'eval/loss', 'eval/perplexity', 'eval/weight'} over the validation batches (max_batches, 0 = all)."""
     sums = None
     for i, batch in enumerate(eval_batches):
         if max_batches and i >= max_batches:
             break
-        out = s.eval_step(params, s.put_batch(batch), jnp.int32(step))
+        out = s.eval_step(params, s.put_batch(batch), jnp.int32(step), *frozen)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     if sums is None:
         raise UserError("the validation split yielded no batch; set data.eval_split or train.eval_every=0")
@@ -201,7 +210,10 @@ class Trainer:
             raise ValueError("training needs the stacked parameter layout: load_model(config, layout='training')")
         self.t, self.c, self.data, self.objective = config.train, config.checkpoint, data, objective
         self.run_dir = _run_dir(config)
-        self.s = setup(config, model.cfg, model.params, objective)
+        frozen_inputs = getattr(objective, "frozen_inputs", None)  # e.g. a teacher: the initial weights, copied
+        frozen = frozen_inputs(model.params) if frozen_inputs is not None else None
+        self.s = setup(config, model.cfg, model.params, objective, frozen=frozen)
+        self.frozen = self.s.put_frozen(frozen)  # () without one
         self.ckpt = Checkpointer(self.c.dir or os.path.join(self.run_dir, "checkpoints"), self.c.max_to_keep,
                                  self.c.async_save)
         try:
@@ -265,7 +277,8 @@ class Trainer:
             if changed is not self.params:
                 self.params = jax.device_put(changed, self.s.param_shardings)
         self.params, self.opt_state, metrics = self.s.train_step(self.params, self.opt_state,
-                                                                 self.s.put_batch(batch), self.rng, jnp.int32(step))
+                                                                 self.s.put_batch(batch), self.rng, jnp.int32(step),
+                                                                 *self.frozen)
         return step + 1, metrics, tokens
 
     def _finish(self, pending: tuple) -> None:
@@ -296,7 +309,7 @@ class Trainer:
         self.last_saved = done
 
     def _evaluate(self, done: int) -> None:
-        self.last_eval = evaluate(self.s, self.params, self.data.eval(), self.t.eval_batches, done)
+        self.last_eval = evaluate(self.s, self.params, self.data.eval(), self.t.eval_batches, done, self.frozen)
         self.writer.write(done, self.last_eval)
         self.bar.write(f"step {done}: eval loss {self.last_eval['eval/loss']:.4f}, "
                        f"perplexity {self.last_eval['eval/perplexity']:.3f}")

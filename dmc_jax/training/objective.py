@@ -1,7 +1,8 @@
-"""What the training loop minimizes: the Objective interface, the language-model objective and a name registry.
+"""What the training loop minimizes: the Objective interface, the language-model objective and the objective factory.
 
-The loop knows no method: it differentiates `objective.loss` with respect to params. DMC's objective (training-form
-attention plus the compression loss) is a second implementation registered under its own name.
+The loop knows no method: it differentiates `objective.loss` with respect to params. A trained cache method's
+objective (DMC's: training-form attention plus the compression loss) comes from the method registry under its
+trained section's name; the config's `distill` section wraps any of them (training/distill.py).
 
 A batch is the packed output of dmc_jax.data: {'tokens', 'segment_ids', 'positions'}, int32 [B, T]; segment id 0
 is padding. Shape letters: B batch, T time, V vocab.
@@ -13,18 +14,11 @@ from typing import Any, Callable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from dmc_jax.data.packing import next_token_targets
 from dmc_jax.errors import UserError
 from dmc_jax.model import llama
 from dmc_jax.model.config import ModelConfig
-
-Batch = dict  # {'tokens', 'segment_ids', 'positions'}: int32 [B, T]
-Metrics = dict  # name -> jax.Array (a scalar, or e.g. [layers, kv_heads], which the logger writes as a list)
-
-WEIGHT = "weight"  # optional metric: how much this batch counts when batches are averaged (e.g. target tokens)
-CE = "ce"  # optional metric: the token cross-entropy, when the loss has other terms (perplexity is exp(ce))
+from dmc_jax.training.losses import CE, WEIGHT, Batch, Metrics, token_cross_entropy  # noqa: F401 (re-exported)
 
 
 class Objective(Protocol):
@@ -54,6 +48,8 @@ class Objective(Protocol):
     # Optional hooks, looked up with getattr by the loop:
     #   on_step(params, step) -> params         host-side, before update `step` (e.g. DMC's weight surgery)
     #   scale_updates(updates) -> updates       inside the jitted step, after the optimizer (per-parameter LR)
+    #   frozen_inputs(initial_params) -> pytree  host-side, once: non-trained inputs of every step (a teacher)
+    #   bind(frozen) -> Objective                inside the jitted step: the objective that uses them
 
 
 class LanguageModelObjective:
@@ -62,20 +58,16 @@ class LanguageModelObjective:
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
 
-    def loss(self, params, batch: Batch, rng, step):
+    has_decision_params = False  # nothing but the base weights (up-trained GQA trains all of them)
+
+    def student(self, params, batch: Batch, rng, step):
+        """(logits_BTV, extra loss 0, no metrics): what training/distill.py distills."""
         logits_BTV, _ = llama.forward_aux(params, batch["tokens"], self.cfg, batch["positions"],
                                           batch["segment_ids"], attention=llama.causal_attention)
-        return token_cross_entropy(logits_BTV, batch)
+        return logits_BTV, jnp.float32(0.0), {}
 
-
-def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
-    """(mean cross-entropy over target tokens, {WEIGHT: target count, 'accuracy'}) in fp32; 0 when no targets."""
-    targets_BT, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
-    count = weights_BT.sum()
-    denom = jnp.maximum(count, 1.0)
-    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
-    return (ce_BT * weights_BT).sum() / denom, {WEIGHT: count, "accuracy": (correct_BT * weights_BT).sum() / denom}
+    def loss(self, params, batch: Batch, rng, step):
+        return token_cross_entropy(self.student(params, batch, rng, step)[0], batch)
 
 
 # train.objective -> 'module:attribute' of a factory (config, model_cfg) -> Objective, imported on first use (so this
@@ -105,4 +97,6 @@ def make_objective(name: str, config, cfg: ModelConfig) -> Objective:
         raise UserError(f"train.objective must be one of {', '.join(objective_names())}; got {name!r}")
     path = OBJECTIVES[name] if name in OBJECTIVES else registry.trained(name).objective
     factory: Callable = registry.load_factory(path)
-    return factory(config, cfg)
+    from dmc_jax.training.distill import wrap  # the config's distill section: loss and parameter groups
+
+    return wrap(factory(config, cfg), config, cfg)

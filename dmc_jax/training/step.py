@@ -16,7 +16,12 @@ import optax
 
 from dmc_jax.training.objective import CE, WEIGHT, Objective
 
-StepFn = Callable  # (params, opt_state, batch, rng, step) -> (params, opt_state, metrics)
+StepFn = Callable  # (params, opt_state, batch, rng, step, frozen) -> (params, opt_state, metrics)
+
+
+def bound(objective: Objective, frozen) -> Objective:
+    """The objective with its non-trained inputs (e.g. a distillation teacher) bound, inside the traced step."""
+    return objective if frozen is None else objective.bind(frozen)
 
 
 def _weight(metrics) -> jax.Array:
@@ -61,16 +66,17 @@ def accumulate_gradients(objective: Objective, params, batch: dict, rng, step, k
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum: int = 1) -> StepFn:
-    """(params, opt_state, batch, rng, step) -> (params, opt_state, metrics): one update; step is 0-based.
+    """(params, opt_state, batch, rng, step, frozen) -> (params, opt_state, metrics): one update; step is 0-based.
 
+    frozen: the objective's non-trained inputs (objective.frozen_inputs, e.g. a teacher's weights) or None.
     metrics: the objective's, plus 'loss', 'grad_norm' (before clipping) and 'lr' (used by this update).
     """
 
-    scale_updates = getattr(objective, "scale_updates", None)  # optional: per-parameter learning-rate factors
-
-    def train_step(params, opt_state, batch, rng, step):
+    def train_step(params, opt_state, batch, rng, step, frozen=None):
+        objective_ = bound(objective, frozen)
+        scale_updates = getattr(objective_, "scale_updates", None)  # optional: per-parameter learning-rate factors
         step_rng = jax.random.fold_in(rng, step)
-        loss, metrics, grads = accumulate_gradients(objective, params, batch, step_rng, step, grad_accum)
+        loss, metrics, grads = accumulate_gradients(objective_, params, batch, step_rng, step, grad_accum)
         updates, opt_state = tx.update(grads, opt_state, params)
         if scale_updates is not None:
             updates = scale_updates(updates)
@@ -82,10 +88,10 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
 
 
 def make_eval_step(objective: Objective) -> Callable:
-    """(params, batch, step) -> {'loss', CE, WEIGHT} as WEIGHT-weighted sums (rng None: deterministic)."""
+    """(params, batch, step, frozen) -> {'loss', CE, WEIGHT} as WEIGHT-weighted sums (rng None: deterministic)."""
 
-    def eval_step(params, batch, step):
-        loss, metrics = objective.loss(params, batch, None, step)
+    def eval_step(params, batch, step, frozen=None):
+        loss, metrics = bound(objective, frozen).loss(params, batch, None, step)
         w = _weight(metrics)
         ce = jnp.asarray(metrics.get(CE, loss), jnp.float32)
         return {"loss": loss.astype(jnp.float32) * w, CE: ce * w, WEIGHT: w}

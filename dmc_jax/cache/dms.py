@@ -1,0 +1,217 @@
+"""The DMS cache: a fixed buffer of C slots per (layer, sequence, KV head); evicted tokens free their slot.
+
+DMS (dmc_jax/dms/) marks token t - 1 for eviction from the query of token t; a marked token stays for w more
+tokens (delayed eviction) and then leaves, so at any time a head holds its last w + 1 tokens plus the older ones it
+chose to keep. C is sized from the budget, never from the sequence length: C = ceil((max_tokens - w - 1) /
+target_cr * margin) + w + 1 (or cache.capacity), at most max_tokens.
+
+State (stacked over layers):
+    k, v      [L, B, K, C, Dh]  keys after RoPE (at their positions) and values
+    pos       [L, B, K, C]      position of the token in each slot, -1 = free
+    evict_at  [L, B, K, C]      position at which the slot's token leaves (NEVER = not marked)
+    last      [L, B, K]         slot of the newest token (the one the next decision may mark)
+    overflow  [L, B, K]         decode tokens that found no free slot (see below; never silent)
+    lost      [L, B, K]         prompt tokens beyond C at prefill (always an error)
+Decode, token t: mark the previous token (evict_at = t + w) if the decision says so, free the slots whose time has
+come (evict_at <= t), write t into the first free slot, attend over the occupied slots. A full buffer takes the slot
+of the marked token closest to leaving (else the oldest token) and counts it in `overflow`; `check` raises a
+UserError unless on_overflow='evict'. Prefill runs DMS's hard parallel form over the prompt (the delayed-eviction
+mask) and keeps what a token-by-token pass would hold after the last prompt token, in position order.
+
+Shape letters: L layers, B batch, K KV heads, C slots, T prompt time, H query heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmc_jax.cache import registry
+from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
+from dmc_jax.dms.attention import dms_core
+from dmc_jax.dms.config import DMSConfig, default_section, from_section, validate_section
+from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
+from dmc_jax.errors import UserError
+from dmc_jax.model.attention import decode_attention
+from dmc_jax.model.config import ModelConfig
+
+NEVER = np.iinfo(np.int32).max
+OVERFLOW = ("error", "evict")
+
+
+def capacity_for(max_tokens: int, window: int, capacity: int, target_cr: float, margin: float) -> int:
+    """Slots per head: `capacity` if set, else the window plus the rest at target_cr x margin, at most max_tokens."""
+    if capacity:
+        return min(capacity, max_tokens)
+    if target_cr:
+        rest = max(max_tokens - window - 1, 0)
+        return min(max_tokens, math.ceil(rest / target_cr * margin) + window + 1)
+    return max_tokens
+
+
+def _write(state: dict, layer, values: dict) -> dict:
+    new = dict(state)
+    for name, x in values.items():
+        new[name] = jax.lax.dynamic_update_slice(state[name], x[None].astype(state[name].dtype),
+                                                 (layer,) + (0,) * x.ndim)
+    return new
+
+
+@dataclasses.dataclass(frozen=True)
+class DMSCache(RowOps):
+    """DMS inference: learned decisions, delayed eviction, a budget-sized buffer whose freed slots are reused."""
+
+    layout = StateLayout(fills={"pos": -1, "evict_at": NEVER}, kept=("overflow", "lost"))
+
+    dms: DMSConfig = DMSConfig()
+    capacity: int = 0
+    target_cr: float = 0.0
+    margin: float = 1.25
+    on_overflow: str = "error"
+    name: str = "dms"
+
+    def __post_init__(self):
+        if self.on_overflow not in OVERFLOW:
+            raise UserError(f"cache.dms.on_overflow must be one of {', '.join(OVERFLOW)} for cache.method='dms'; got "
+                            f"{self.on_overflow!r}")
+        if self.capacity < 0 or self.target_cr < 0 or (self.target_cr and self.target_cr < 1):
+            raise UserError("cache.dms.capacity must be >= 0 and cache.dms.target_cr 0 (off) or >= 1")
+        if self.margin < 1:
+            raise UserError(f"cache.dms.margin must be >= 1; got {self.margin}")
+
+    def init(self, cfg: ModelConfig, batch: int, max_tokens: int):
+        self.dms.check_context(cfg.max_seq_len, "the model's context (model.max_seq_len)")
+        C = capacity_for(max_tokens, self.dms.window, self.capacity, self.target_cr, self.margin)
+        L, K, Dh = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        shape = (L, batch, K, C)
+        return {"k": jnp.zeros(shape + (Dh,), cfg.dtype), "v": jnp.zeros(shape + (Dh,), cfg.dtype),
+                "pos": jnp.full(shape, -1, jnp.int32), "evict_at": jnp.full(shape, NEVER, jnp.int32),
+                "last": jnp.zeros((L, batch, K), jnp.int32), "overflow": jnp.zeros((L, batch, K), jnp.int32),
+                "lost": jnp.zeros((L, batch, K), jnp.int32)}
+
+    # ----------------------------------------------------------------------------------------------- decode
+    def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn):
+        B, K, Dh = k_BKD.shape
+        dms = self.dms.replace(mode="hard")
+        a_B1K, q_B1HD = read_decision(q_BHD[:, None], K, dms)
+        mark_BK = (a_B1K[:, 0] > 0) & (positions_B > 0)[:, None]  # the previous token leaves after the window
+        q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
+        if dms.zero_after_rope:
+            q_BHD = zero_decision_heads(q_BHD[:, None], K, dms.channel(Dh))[:, 0]
+        k_BKD = rope(k_BKD[:, None], positions_B[:, None])[:, 0]
+        pos_BKC, evict_BKC, last_BK = state["pos"][layer], state["evict_at"][layer], state["last"][layer]
+        C = pos_BKC.shape[-1]
+        t_B11 = positions_B[:, None, None]
+        slot_1KC = jnp.arange(C)[None, None]
+        evict_BKC = jnp.where(mark_BK[..., None] & (slot_1KC == last_BK[..., None]) & (pos_BKC >= 0),
+                              t_B11 + self.dms.window, evict_BKC)
+        gone_BKC = (pos_BKC >= 0) & (evict_BKC <= t_B11)
+        pos_BKC = jnp.where(gone_BKC, -1, pos_BKC)
+        evict_BKC = jnp.where(gone_BKC, NEVER, evict_BKC)
+        free_BKC = pos_BKC < 0
+        full_BK = ~jnp.any(free_BKC, axis=-1)
+        # Overflow: the marked token closest to leaving goes early, else the oldest token (counted, never silent).
+        victim_BK = jnp.argmin(jnp.where(evict_BKC < NEVER, evict_BKC, NEVER - C + pos_BKC), axis=-1)
+        slot_BK = jnp.where(full_BK, victim_BK, jnp.argmax(free_BKC, axis=-1)).astype(jnp.int32)
+        take_BKC = slot_1KC == slot_BK[..., None]
+        pos_BKC = jnp.where(take_BKC, t_B11, pos_BKC)
+        evict_BKC = jnp.where(take_BKC, NEVER, evict_BKC)
+        state = _write(state, layer, {"pos": pos_BKC, "evict_at": evict_BKC, "last": slot_BK,
+                                      "overflow": state["overflow"][layer] + full_BK.astype(jnp.int32)})
+        b_BK, k_BK = jnp.meshgrid(jnp.arange(B), jnp.arange(K), indexing="ij")
+        at = (layer, b_BK, k_BK, slot_BK)
+        state["k"] = state["k"].at[at].set(k_BKD.astype(state["k"].dtype))
+        state["v"] = state["v"].at[at].set(v_BKD.astype(state["v"].dtype))
+        out_BHD = decode_attention(q_BHD, state["k"][layer], state["v"][layer], pos_BKC >= 0)
+        return out_BHD, state
+
+    # ---------------------------------------------------------------------------------------------- prefill
+    def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn):
+        B, T, _, Dh = q_BTHD.shape
+        K = k_BTKD.shape[2]
+        dms, w = self.dms.replace(mode="hard"), self.dms.window
+        t_T = jnp.arange(T, dtype=jnp.int32)
+        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms)
+        alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
+        alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
+        positions_BT = jnp.broadcast_to(t_T, (B, T))
+        out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, positions_BT, None, rope, dms)
+        # What the cache holds after the last prompt token L - 1: token j < L unless marked (by token j + 1 < L)
+        # and out of the window (L - 1 - j > w).
+        L_B11 = lengths_B[:, None, None]
+        t_11T = t_T[None, None]
+        marked_BKT = jnp.concatenate([alpha_BTK[:, 1:], jnp.zeros_like(alpha_BTK[:, :1])], 1).transpose(0, 2, 1) > 0.5
+        marked_BKT &= t_11T + 1 < L_B11
+        real_BKT = t_11T < L_B11
+        kept_BKT = real_BKT & (~marked_BKT | (L_B11 - 1 - t_11T <= w))
+        C = state["k"].shape[3]
+        rank_BKT = jnp.cumsum(kept_BKT, axis=-1, dtype=jnp.int32) - 1
+        slot_BKT = jnp.where(kept_BKT & (rank_BKT < C), rank_BKT, C)  # C: out of range, dropped
+        count_BK = jnp.sum(kept_BKT, axis=-1, dtype=jnp.int32)
+        b_BKT = jnp.broadcast_to(jnp.arange(B)[:, None, None], slot_BKT.shape)
+        kh_BKT = jnp.broadcast_to(jnp.arange(K)[None, :, None], slot_BKT.shape)
+        k_BKTD = jnp.swapaxes(rope(k_BTKD, positions_BT), 1, 2)
+        scatter = lambda dst, src: dst.at[b_BKT, kh_BKT, slot_BKT].set(src.astype(dst.dtype), mode="drop")
+        layer_state = {name: state[name][layer] for name in ("k", "v", "pos", "evict_at")}
+        new = {"k": scatter(jnp.zeros_like(layer_state["k"]), k_BKTD),
+               "v": scatter(jnp.zeros_like(layer_state["v"]), jnp.swapaxes(v_BTKD, 1, 2)),
+               "pos": scatter(jnp.full_like(layer_state["pos"], -1), jnp.broadcast_to(t_11T, slot_BKT.shape)),
+               "evict_at": scatter(jnp.full_like(layer_state["evict_at"], NEVER),
+                                   jnp.where(marked_BKT, t_11T + w + 1, NEVER)),
+               "last": jnp.clip(count_BK - 1, 0, C - 1), "lost": jnp.maximum(count_BK - C, 0),
+               "overflow": jnp.zeros_like(count_BK)}
+        return out_BTHD, _write(state, layer, new)
+
+    # ------------------------------------------------------------------------------------------------ stats
+    def stats(self, state, tokens_B):
+        L, B, K, C, Dh = state["k"].shape
+        kept_LBK = jnp.sum(state["pos"] >= 0, axis=-1).astype(jnp.float32)
+        tokens_B = jnp.asarray(tokens_B)
+        seen_LBK = jnp.broadcast_to(tokens_B[None, :, None], (L, B, K)).astype(jnp.float32)
+        allocated = state_bytes(state)
+        per_slot = allocated // (L * B * K * C)
+        return {"tokens_B": tokens_B, "kept_LBK": kept_LBK, "overflow_LBK": state["overflow"] + state["lost"],
+                "compression_ratio_LBK": seen_LBK / jnp.maximum(kept_LBK, 1.0),
+                "compression_ratio": jnp.sum(seen_LBK) / jnp.maximum(jnp.sum(kept_LBK), 1.0),
+                "capacity": C, "bytes_allocated": allocated, "bytes_in_use": jnp.sum(kept_LBK) * per_slot}
+
+    def check(self, state) -> None:
+        """UserError naming the first (layer, head) that ran out of slots (decode overflow allowed with 'evict')."""
+        C = state["k"].shape[3]
+        lost_LBK = np.asarray(state["lost"])
+        if lost_LBK.any():
+            l, b, k = (int(i) for i in np.argwhere(lost_LBK)[0])
+            raise UserError(f"DMS cache overflow at prefill: layer {l}, KV head {k} (sequence {b}) keeps "
+                            f"{C + int(lost_LBK[l, b, k])} prompt tokens, capacity is {C}; raise cache.capacity "
+                            f"or cache.margin, or lower cache.target_cr")
+        overflow_LBK = np.asarray(state["overflow"])
+        if self.on_overflow == "error" and overflow_LBK.any():
+            l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
+            raise UserError(f"DMS cache overflow: layer {l}, KV head {k} (sequence {b}) needed more than {C} slots "
+                            f"({int(overflow_LBK.sum())} tokens found no free slot in all); raise cache.capacity "
+                            f"or cache.margin, or set cache.on_overflow='evict'")
+
+
+def _check_sequences(section, config) -> None:
+    """A window not shorter than the training sequences would evict nothing."""
+    if "data" in config:
+        from_section(section).check_context(config.data.seq_len, "data.seq_len")
+
+
+# What a DMS model carries (its `dms` section: window, decision channel, scale, offset, target CR) and how it is
+# trained (dmc_jax.dms.objective, distillation through the `distill` section).
+TRAINED = registry.TrainedMethod(
+    section="dms", defaults=lambda: default_section().to_dict(), validate=validate_section,
+    objective="dmc_jax.dms.objective:make", evaluate="dmc_jax.dms.objective:eval_attention", serve_method="dms",
+    validate_run=_check_sequences)
+
+registry.register(registry.MethodSpec(
+    name="dms", trained=TRAINED, sized_by_cr=True,
+    defaults={"capacity": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error"},
+    build=lambda s, hparams: DMSCache(from_section(hparams), capacity=s.capacity, target_cr=s.target_cr,
+                                      margin=s.margin, on_overflow=s.on_overflow),
+    summary="Dynamic Memory Sparsification: learned delayed eviction (Lancucki et al., NeurIPS 2025)"))

@@ -1,0 +1,29 @@
+"""The token cross-entropy every objective shares, and the metric names the loop reads.
+
+A batch is the packed output of dmc_jax.data: {'tokens', 'segment_ids', 'positions'}, int32 [B, T]; segment id 0
+is padding. Shape letters: B batch, T time, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dmc_jax.data.packing import next_token_targets
+
+Batch = dict  # {'tokens', 'segment_ids', 'positions'}: int32 [B, T]
+Metrics = dict  # name -> jax.Array (a scalar, or e.g. [layers, kv_heads], which the logger writes as a list)
+
+WEIGHT = "weight"  # optional metric: how much this batch counts when batches are averaged (e.g. target tokens)
+CE = "ce"  # optional metric: the token cross-entropy, when the loss has other terms (perplexity is exp(ce))
+
+
+def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
+    """(mean cross-entropy over target tokens, {WEIGHT: target count, 'accuracy'}) in fp32; 0 when no targets."""
+    targets_BT, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+    count = weights_BT.sum()
+    denom = jnp.maximum(count, 1.0)
+    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    return (ce_BT * weights_BT).sum() / denom, {WEIGHT: count, "accuracy": (correct_BT * weights_BT).sum() / denom}

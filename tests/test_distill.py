@@ -1,0 +1,108 @@
+"""Distillation from the frozen original model and parameter groups, for every trainable method."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dmc_jax.dms.objective import default_config as dms_default
+from dmc_jax.errors import UserError
+from dmc_jax.model import llama
+from dmc_jax.model.params import init_params
+from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
+from dmc_jax.training import distill, loop
+from dmc_jax.training.objective import make_objective
+from dmc_jax.weights import LoadedModel
+from dmc_jax.weights.hf_io import save_hf_dir
+from dmc_jax.model.config import tiny_config
+from tests.test_training import CFG, corpus, make_config, packed_batch  # noqa: F401 (corpus: a fixture)
+
+
+def test_token_kl_directions():
+    rng = np.random.default_rng(0)
+    t, s = (jnp.asarray(rng.normal(size=(2, 3, 7)), jnp.float32) for _ in range(2))
+    w = jnp.asarray([[1, 1, 0], [1, 0, 0]], jnp.float32)
+    pt, ps = jax.nn.softmax(t), jax.nn.softmax(s)
+    fwd = (pt * (jnp.log(pt) - jnp.log(ps))).sum(-1)
+    rev = (ps * (jnp.log(ps) - jnp.log(pt))).sum(-1)
+    np.testing.assert_allclose(distill.token_kl(t, s, w, False), (fwd * w).sum() / 3, rtol=1e-5)
+    np.testing.assert_allclose(distill.token_kl(t, s, w, True), (rev * w).sum() / 3, rtol=1e-5)
+    assert float(distill.token_kl(t, t, w, False)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _config(data, out, objective="dms", **distill_fields):
+    c = make_config(data, out, **{"train.objective": objective})
+    c.dms = dms_default()
+    c.dms.update(window=4, ramp_steps=3, target_cr=3.0, decision_offset=0.5)
+    c.distill = distill.default_config()
+    c.distill.update(loss="kl", **distill_fields)
+    return c
+
+
+def test_frozen_base_trains_only_the_decision_columns_against_the_original(corpus, tmp_path):
+    tmp, data = corpus
+    c = _config(data, tmp_path / "run", base_lr_scale=0.0)
+    c.train.steps, c.checkpoint.every_steps = 3, 0
+    obj = make_objective("dms", c, CFG)
+    params0 = init_params(CFG, jax.random.PRNGKey(0))
+    teacher = obj.frozen_inputs(params0)
+    batch = jax.tree.map(jnp.asarray, packed_batch(rows=2))
+    # Student before the surgery == teacher: KL 0 (the compression loss is the only term).
+    _, m = obj.bind(teacher).loss(obj.method.on_step(params0, 1), batch, None, 0)
+    s = loop.setup(c, CFG, params0, obj, frozen=teacher)
+    p, o, rng = s.init_state(jax.tree.map(jnp.copy, params0), 0)
+    frozen = s.put_frozen(teacher)
+    for step in range(3):
+        p = jax.device_put(obj.on_step(p, step), s.param_shardings)
+        p, o, metrics = s.train_step(p, o, s.put_batch(packed_batch(rows=4, seed=step)), rng, jnp.int32(step),
+                                     *frozen)
+    assert float(metrics["kl"]) > 0 and np.isfinite(float(metrics["loss"]))
+    mask = np.asarray(obj.method.decision_mask(params0)["layers"]["q"]) > 0
+    for name, before in jax.tree_util.tree_leaves_with_path(params0):
+        after = dict(jax.tree_util.tree_leaves_with_path(p))[name]
+        if jax.tree_util.keystr(name) == "['layers']['q']":
+            moved = np.asarray(after) != np.asarray(before)
+            assert moved[np.broadcast_to(mask, moved.shape)].any()
+            assert not moved[~np.broadcast_to(mask, moved.shape)].any()
+        else:
+            np.testing.assert_array_equal(after, before, err_msg=jax.tree_util.keystr(name))
+    # The teacher is the original model: its logits are the initial params' logits.
+    np.testing.assert_allclose(llama.forward(frozen[0], batch["tokens"], CFG),
+                               llama.forward(params0, batch["tokens"], CFG), atol=1e-6)
+
+
+def test_separate_learning_rates_and_lm_option(corpus, tmp_path):
+    tmp, data = corpus
+    c = _config(data, tmp_path / "run", base_lr_scale=0.5, decision_lr_scale=4.0)
+    obj = make_objective("dms", c, CFG)
+    ones = jax.tree.map(jnp.ones_like, init_params(CFG, jax.random.PRNGKey(0)))
+    scaled = obj.scale_updates(ones)
+    q = np.asarray(scaled["layers"]["q"])
+    assert set(np.unique(q)) == {0.5, 4.0} and float(scaled["layers"]["v"].max()) == 0.5
+    c.distill.loss = "lm"
+    lm = make_objective("lm", c, CFG)
+    assert lm.frozen_inputs(None) is None  # no teacher without distillation
+    loss, m = lm.loss(init_params(CFG, jax.random.PRNGKey(0)), jax.tree.map(jnp.asarray, packed_batch(rows=2)), None,
+                      0)
+    np.testing.assert_allclose(loss, m["ce"])
+
+
+def test_nothing_to_train_is_a_user_error(corpus, tmp_path):
+    tmp, data = corpus
+    with pytest.raises(UserError, match="nothing to train: distill.base_lr_scale is 0 .* has no decision parameters"):
+        make_objective("lm", _config(data, tmp_path, objective="lm", base_lr_scale=0.0), CFG)
+    with pytest.raises(UserError, match="nothing to train.*decision_lr_scale is 0"):
+        make_objective("dms", _config(data, tmp_path, base_lr_scale=0.0, decision_lr_scale=0.0), CFG)
+
+
+def test_teacher_with_another_vocabulary_is_a_user_error(corpus, tmp_path):
+    tmp, data = corpus
+    other = tiny_config(vocab_size=CFG.vocab_size + 8)
+    save_hf_dir(str(tmp_path / "teacher"), other, init_params(other, jax.random.PRNGKey(1)))
+    c = _config(data, tmp_path / "run", teacher=str(tmp_path / "teacher"))
+    with pytest.raises(UserError, match=rf"distill.teacher .* vocabulary of {CFG.vocab_size + 8} tokens, the student "
+                                        rf"{CFG.vocab_size}; distillation needs the same tokenizer"):
+        make_objective("dms", c, CFG)
