@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmc_jax.model import attention, attention_vjp, linear, llama
+from dmc_jax.model import attention, attention_vjp, cpu_features, linear, llama
 from dmc_jax.model.config import tiny_config
 from dmc_jax.model.params import init_params
 from dmc_jax.training.objective import LanguageModelObjective
@@ -134,3 +134,20 @@ def test_bf16_decode_step_matmuls_stay_bf16(batch):
                                                   s, method, cfg))
     dots = _dots(step.lower(params, state).compile().as_text())
     assert dots and all(operands == ("bf16", "bf16") for operands, _ in dots), dots
+
+
+def test_cpu_features_pick_bf16_only_with_fast_bf16_matmuls():
+    assert cpu_features.default_compute_dtype(frozenset({"avx2", "avx512f", "avx512_bf16"})) == "bfloat16"
+    assert cpu_features.default_compute_dtype(frozenset({"avx2", "amx_tile", "amx_bf16"})) == "bfloat16"
+    assert cpu_features.default_compute_dtype(frozenset({"avx2", "avx512f"})) == "float32"
+    assert cpu_features.default_compute_dtype(frozenset()) == "float32"
+
+
+def test_smollm2_auto_variant_follows_the_cpu():
+    import os
+
+    from dmc_jax.config_loader import parse_argv
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "smollm2.py")
+    config = parse_argv(["--config", path + ":auto"])
+    assert config.model.compute_dtype == config.model.param_dtype == cpu_features.default_compute_dtype()
+    assert parse_argv(["--config", path]).model.compute_dtype == "float32"  # the parity path
