@@ -33,6 +33,33 @@ def _median_s(fn, repeats):
     return statistics.median(times)
 
 
+def _load(gguf: Path):
+    """transformers' model from the GGUF in fp32 (from_pretrained; without accelerate, which transformers 5 needs
+    for GGUF files there, from the dequantized tensors of its own GGUF reader)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="smollm2_gguf_") as d:
+            os.symlink(gguf, Path(d) / gguf.name)
+            config = AutoConfig.from_pretrained(d, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model_to_load = model
+        state = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model_to_load)["tensors"]
+        missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"GGUF tensors do not match the model: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        return model
+    with tempfile.TemporaryDirectory(prefix="smollm2_gguf_") as d:
+        os.symlink(gguf, Path(d) / gguf.name)
+        return AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf.name, dtype=torch.float32)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", type=Path, required=True)
@@ -42,12 +69,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    gguf = args.gguf.resolve()
-    with tempfile.TemporaryDirectory(prefix="smollm2_gguf_") as d:
-        os.symlink(gguf, Path(d) / gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf.name, dtype=torch.float32)
+    model = _load(args.gguf.resolve())
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     parts = set(args.parts.split(","))
