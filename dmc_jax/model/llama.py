@@ -21,6 +21,7 @@ from dmc_jax.model.attention import causal_mask, grouped_attention
 from dmc_jax.model.config import ModelConfig
 from dmc_jax.model import remat, shard
 from dmc_jax.model.layers import Rope, rms_norm, swiglu
+from dmc_jax.model.linear import dense, dense_transposed
 from dmc_jax.model.params import Params
 
 # (layer, q_BTHD, k_BTKD, v_BTKD, state) -> (out_BTHD, state, aux); q/k before RoPE; aux is stacked over layers.
@@ -71,18 +72,18 @@ def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: Att
         x_BTD, state = carry
         x_BTD = shard.constrain(x_BTD, ("batch", None, None))  # rows over data/fsdp, like the batch
         w, layer = layer_in
-        w = jax.tree.map(lambda a: a.astype(dtype) if a.ndim > 1 else a, w)
+        # Weights are cast to the compute dtype inside dense (fused with the transposes of its backward).
         h_BTD = rms_norm(x_BTD, w["attn_norm"], cfg.norm_eps)
-        q_BTHD = jnp.einsum("btd,dhk->bthk", h_BTD, w["q"])
-        k_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["k"])
-        v_BTKD = jnp.einsum("btd,dhk->bthk", h_BTD, w["v"])
+        q_BTHD = dense(h_BTD, w["q"], dtype)
+        k_BTKD = dense(h_BTD, w["k"], dtype)
+        v_BTKD = dense(h_BTD, w["v"], dtype)
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before the cache method sees them
             q_BTHD = rms_norm(q_BTHD, w["q_norm"], cfg.norm_eps)
             k_BTKD = rms_norm(k_BTKD, w["k_norm"], cfg.norm_eps)
         attn_BTHD, state, aux = attend(layer, q_BTHD, k_BTKD, v_BTKD, state)
-        x_BTD = x_BTD + jnp.einsum("bthk,hkd->btd", attn_BTHD, w["o"])
+        x_BTD = x_BTD + dense(attn_BTHD, w["o"], dtype, n_in=2).astype(x_BTD.dtype)
         h_BTD = rms_norm(x_BTD, w["mlp_norm"], cfg.norm_eps)
-        x_BTD = x_BTD + swiglu(h_BTD, w["gate"], w["up"], w["down"])
+        x_BTD = x_BTD + swiglu(h_BTD, w["gate"], w["up"], w["down"], dtype).astype(x_BTD.dtype)
         return (x_BTD, state), aux
 
     layer_fn = remat.wrap(layer_fn, cfg.remat, cfg.remat_policy)
@@ -105,11 +106,9 @@ def _logits(params: Params, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and the (tied or untied) output projection; logits in fp32."""
     h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
     if cfg.tie_embeddings:
-        w_VD = params["embed"]["embedding"].astype(cfg.dtype)
-        logits_BTV = jnp.einsum("btd,vd->btv", h_BTD, w_VD, preferred_element_type=jnp.float32)
+        logits_BTV = dense_transposed(h_BTD, params["embed"]["embedding"], cfg.dtype, out_dtype=jnp.float32)
     else:
-        logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(cfg.dtype),
-                                preferred_element_type=jnp.float32)
+        logits_BTV = dense(h_BTD, params["lm_head"], cfg.dtype, out_dtype=jnp.float32)
     return shard.constrain(logits_BTV, ("batch", None, "vocab"))
 
 
