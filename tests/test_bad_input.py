@@ -66,7 +66,8 @@ CASES = {
     "fraction in batch sizes": ([SMOLLM2, "--config.task=bench", "--config.bench.batch_sizes=(1, 2.5)"],
                                 "bench.batch_sizes must be a non-empty tuple of positive ints"),
     "bad :ARG variant": ([LLAMA2 + ":cr9"], "get_config('cr9') in"),
-    ":ARG to a plain config": ([SMOLLM2 + ":cr2"], "does not take an argument"),
+    ":ARG to a plain config": ([TRAIN + ":cr2"], "does not take an argument"),
+    ":ARG not a variant": ([SMOLLM2 + ":cr2"], "configs/smollm2.py variant must be 'fp32' or 'auto', got 'cr2'"),
     "section set as value": ([SMOLLM2, "--config.generate=1"], "is a section"),
     # field validation
     "unknown task": ([SMOLLM2, "--config.task=train_everything"], "task must be one of"),

@@ -91,12 +91,12 @@ def test_overflow_is_an_error_naming_layer_and_head_or_merges():
     dmc = DMCConfig(decision_offset=0.0)
     prompt = [list(range(1, 6))]
     gen = GenerateConfig(max_new_tokens=8)
-    with pytest.raises(UserError, match=r"overflow: layer 0, KV head 0 .*cache.capacity"):
+    with pytest.raises(UserError, match=r"overflow: layer 0, KV head 0 .*cache\.dmc\.capacity"):
         generate(params, prompt, cfg, DMCPaddedCache(dmc, capacity=8), gen, jax.random.PRNGKey(0))
     with pytest.raises(UserError, match="at prefill: layer 0, KV head 0"):
         generate(params, prompt, cfg, DMCPaddedCache(dmc, capacity=3), gen, jax.random.PRNGKey(0))
     out = generate(params, prompt, cfg, DMCPaddedCache(dmc, capacity=8, on_overflow="merge"), gen,
                    jax.random.PRNGKey(0))
     assert int(out.state["count"].max()) == 8 and int(out.state["overflow"].sum()) > 0
-    with pytest.raises(UserError, match="cache.on_overflow"):
+    with pytest.raises(UserError, match=r"cache\.dmc\.on_overflow"):
         DMCPaddedCache(dmc, on_overflow="drop")

@@ -188,7 +188,7 @@ def test_pool_exhaustion_is_an_error_naming_layer_and_head_or_merges():
     prompt = [list(range(1, 6))]  # 5 tokens: 3 pages of 2 slots per head, 12 pages for 2 layers x 2 KV heads
     gen = GenerateConfig(max_new_tokens=8)
     run = lambda method: generate(params, prompt, cfg, method, gen, jax.random.PRNGKey(0))
-    with pytest.raises(UserError, match=r"overflow: layer 0, KV head 0 \(sequence 0\).*cache.pages"):
+    with pytest.raises(UserError, match=r"overflow: layer 0, KV head 0 \(sequence 0\).*cache\.dmc_paged\.pages"):
         run(DMCPagedCache(dmc, page_size=2, pages=12))
     with pytest.raises(UserError, match=r"new sequence: layer 1, KV head 1 \(sequence 0\) lost 3 slots"):
         run(DMCPagedCache(dmc, page_size=2, pages=10))

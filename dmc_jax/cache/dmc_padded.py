@@ -22,11 +22,11 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
-import numpy as np
 
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, SIZING, SIZING_LEGACY, TRAINED, decode_decisions, init_open_slot, prefill_slots,
                                       rotate, update_open_slot, write_layer)
+from dmc_jax.cache.overflow import check_buffer
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dmc.config import DMCConfig, from_section
 from dmc_jax.errors import UserError
@@ -123,19 +123,9 @@ class DMCPaddedCache(RowOps):
 
     def check(self, state) -> None:
         """UserError naming the first (layer, head) that ran out of slots (decode overflow allowed with 'merge')."""
-        C = state["k"].shape[3]
-        lost_LBK = np.asarray(state["lost"])
-        if lost_LBK.any():
-            l, b, k = (int(i) for i in np.argwhere(lost_LBK)[0])
-            raise UserError(f"DMC cache overflow at prefill: layer {l}, KV head {k} (sequence {b}) needs "
-                            f"{C + int(lost_LBK[l, b, k])} slots for the prompt, capacity is {C}; raise "
-                            f"cache.dmc.capacity (or cache.dmc.margin / lower cache.dmc.target_cr)")
-        overflow_LBK = np.asarray(state["overflow"])
-        if self.on_overflow == "error" and overflow_LBK.any():
-            l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
-            raise UserError(f"DMC cache overflow: layer {l}, KV head {k} (sequence {b}) needed more than "
-                            f"{C} slots ({int(overflow_LBK.sum())} appends found no slot in all); raise "
-                            f"cache.dmc.capacity or cache.dmc.margin, or set cache.dmc.on_overflow='merge'")
+        check_buffer(state, "DMC cache", "slots for the prompt", "appends",
+                     "raise cache.dmc.capacity or cache.dmc.margin, or lower cache.dmc.target_cr",
+                     "cache.dmc.on_overflow='merge'", self.on_overflow == "merge")
 
 
 registry.register(registry.MethodSpec(

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmc_jax.cache import registry
+from dmc_jax.cache.overflow import check_buffer
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dms.attention import dms_core
 from dmc_jax.dms.config import DMSConfig, default_section, from_section, validate_section
@@ -181,19 +182,9 @@ class DMSCache(RowOps):
 
     def check(self, state) -> None:
         """UserError naming the first (layer, head) that ran out of slots (decode overflow allowed with 'evict')."""
-        C = state["k"].shape[3]
-        lost_LBK = np.asarray(state["lost"])
-        if lost_LBK.any():
-            l, b, k = (int(i) for i in np.argwhere(lost_LBK)[0])
-            raise UserError(f"DMS cache overflow at prefill: layer {l}, KV head {k} (sequence {b}) keeps "
-                            f"{C + int(lost_LBK[l, b, k])} prompt tokens, capacity is {C}; raise cache.capacity "
-                            f"or cache.margin, or lower cache.target_cr")
-        overflow_LBK = np.asarray(state["overflow"])
-        if self.on_overflow == "error" and overflow_LBK.any():
-            l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
-            raise UserError(f"DMS cache overflow: layer {l}, KV head {k} (sequence {b}) needed more than {C} slots "
-                            f"({int(overflow_LBK.sum())} tokens found no free slot in all); raise cache.capacity "
-                            f"or cache.margin, or set cache.on_overflow='evict'")
+        check_buffer(state, "DMS cache", "slots for the prompt tokens it keeps", "tokens",
+                     "raise cache.dms.capacity or cache.dms.margin, or lower cache.dms.target_cr",
+                     "cache.dms.on_overflow='evict'", self.on_overflow == "evict")
 
 
 def _check_sequences(section, config) -> None:

@@ -25,7 +25,7 @@ from dmc_jax.dms.config import DMSConfig, default_section, from_section, validat
 from dmc_jax.errors import UserError
 from dmc_jax.model import llama
 from dmc_jax.model.config import ModelConfig
-from dmc_jax.training.objective import CE, token_cross_entropy
+from dmc_jax.training.losses import student_loss
 
 
 def decision_column_mask(cfg: ModelConfig, dms: DMSConfig) -> jax.Array:
@@ -59,9 +59,7 @@ class DMSObjective:
         return logits_BTV, self.cr_loss_weight * l_cr, metrics
 
     def loss(self, params, batch, rng: Optional[jax.Array], step):
-        logits_BTV, penalty, metrics = self.student(params, batch, rng, step)
-        ce, ce_metrics = token_cross_entropy(logits_BTV, batch)
-        return ce + penalty, {**ce_metrics, **metrics, CE: ce}
+        return student_loss(self.student(params, batch, rng, step), batch)
 
     def decision_mask(self, params):
         """Pytree like params of (broadcastable) 0/1 masks: 1 on the decision parameters."""

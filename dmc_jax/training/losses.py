@@ -19,6 +19,14 @@ WEIGHT = "weight"  # optional metric: how much this batch counts when batches ar
 CE = "ce"  # optional metric: the token cross-entropy, when the loss has other terms (perplexity is exp(ce))
 
 
+def student_loss(student_out: tuple, batch: Batch) -> tuple[jax.Array, Metrics]:
+    """The language-model loss of an objective's student() output (logits_BTV, extra loss, metrics): the token
+    cross-entropy plus the extra term (a method's compression loss), with both in the metrics."""
+    logits_BTV, penalty, metrics = student_out
+    ce, ce_metrics = token_cross_entropy(logits_BTV, batch)
+    return ce + penalty, {**ce_metrics, **metrics, CE: ce}
+
+
 def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
     """(mean cross-entropy over target tokens, {WEIGHT: target count, 'accuracy'}) in fp32; 0 when no targets."""
     targets_BT, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
