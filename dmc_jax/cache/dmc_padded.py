@@ -26,10 +26,9 @@ import jax.numpy as jnp
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, SIZING, SIZING_LEGACY, TRAINED, decode_decisions, init_open_slot, prefill_slots,
                                       rotate, update_open_slot, write_layer)
-from dmc_jax.cache.overflow import check_buffer
+from dmc_jax.cache.overflow import check_buffer, check_sizing
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dmc.config import DMCConfig, from_section
-from dmc_jax.errors import UserError
 from dmc_jax.model.attention import decode_attention
 from dmc_jax.model.config import ModelConfig
 
@@ -57,12 +56,7 @@ class DMCPaddedCache(RowOps):
     name: str = "dmc"
 
     def __post_init__(self):
-        if self.on_overflow not in OVERFLOW:
-            raise UserError(f"cache.dmc.on_overflow must be one of {', '.join(OVERFLOW)}; got {self.on_overflow!r}")
-        if self.capacity < 0 or self.target_cr < 0 or (self.target_cr and self.target_cr < 1):
-            raise UserError("cache.dmc.capacity must be >= 0 and cache.dmc.target_cr 0 (off) or >= 1")
-        if self.margin < 1:
-            raise UserError(f"cache.dmc.margin must be >= 1; got {self.margin}")
+        check_sizing("dmc", "capacity", self.capacity, self.target_cr, self.margin, self.on_overflow, OVERFLOW)
 
     # ------------------------------------------------------------------------------------------------ state
     def init(self, cfg: ModelConfig, batch: int, max_tokens: int):

@@ -50,6 +50,7 @@ from dmc_jax import kernels as dispatch
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, SIZING, SIZING_LEGACY, TRAINED, decode_decisions, init_open_slot, prefill_slots,
                                       rotate, update_open_slot, write_layer)
+from dmc_jax.cache.overflow import check_sizing
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dmc.config import DMCConfig, from_section
@@ -120,14 +121,9 @@ class DMCPagedCache(RowOps):
     name: str = "dmc_paged"
 
     def __post_init__(self):
-        if self.on_overflow not in OVERFLOW:
-            raise UserError(f"cache.dmc_paged.on_overflow must be one of {', '.join(OVERFLOW)}; got {self.on_overflow!r}")
+        check_sizing("dmc_paged", "pages", self.pages, self.target_cr, self.margin, self.on_overflow, OVERFLOW)
         if not 1 <= self.page_size <= 256:
             raise UserError(f"cache.dmc_paged.page_size must be in [1, 256] (16-64 suits DMC); got {self.page_size}")
-        if self.pages < 0 or self.target_cr < 0 or (self.target_cr and self.target_cr < 1):
-            raise UserError("cache.dmc_paged.pages must be >= 0 and cache.dmc_paged.target_cr 0 (off) or >= 1")
-        if self.margin < 1:
-            raise UserError(f"cache.dmc_paged.margin must be >= 1; got {self.margin}")
         if self.attend_growth and self.attend_growth <= 1:
             raise UserError(f"cache.dmc_paged.attend_growth must be > 1 (or 0: gather the whole table); got {self.attend_growth}")
         if self.kernels not in dispatch.KERNELS:

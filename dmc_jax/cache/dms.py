@@ -31,12 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmc_jax.cache import registry
-from dmc_jax.cache.overflow import check_buffer
+from dmc_jax.cache.overflow import check_buffer, check_sizing
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dms.attention import dms_core
 from dmc_jax.dms.config import DMSConfig, default_section, from_section, validate_section
 from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
-from dmc_jax.errors import UserError
 from dmc_jax.model.attention import decode_attention
 from dmc_jax.model.config import ModelConfig
 
@@ -76,13 +75,7 @@ class DMSCache(RowOps):
     name: str = "dms"
 
     def __post_init__(self):
-        if self.on_overflow not in OVERFLOW:
-            raise UserError(f"cache.dms.on_overflow must be one of {', '.join(OVERFLOW)} for cache.method='dms'; got "
-                            f"{self.on_overflow!r}")
-        if self.capacity < 0 or self.target_cr < 0 or (self.target_cr and self.target_cr < 1):
-            raise UserError("cache.dms.capacity must be >= 0 and cache.dms.target_cr 0 (off) or >= 1")
-        if self.margin < 1:
-            raise UserError(f"cache.dms.margin must be >= 1; got {self.margin}")
+        check_sizing("dms", "capacity", self.capacity, self.target_cr, self.margin, self.on_overflow, OVERFLOW)
 
     def init(self, cfg: ModelConfig, batch: int, max_tokens: int):
         self.dms.check_context(cfg.max_seq_len, "the model's context (model.max_seq_len)")

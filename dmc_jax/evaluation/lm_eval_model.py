@@ -96,18 +96,17 @@ def load(source: Optional[str] = None, cache: str = "dense", ratio=None, budget=
                         f"source, cache, ratio, budget, budget_step, max_length, dtype, seed, batch_size, add_bos, "
                         f"max_gen_toks, context_pad, continuation_pad or a field of the cache "
                         f"({', '.join(known) or 'none'})")
-    BUDGETED = tuple(n for n in names if registry.get(n).budgeted)
-    cache_fields_given = {k: v for k, v in cache_fields_given.items()}
+    budgeted = tuple(n for n in names if registry.get(n).budgeted)
     fields = {k: typed(k, v, known[k]) for k, v in cache_fields_given.items()}
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"model_args dtype={dtype!r}: use float32 or bfloat16")
     if ratio is not None and budget is not None:
         raise UserError("model_args ratio= and budget= exclude each other: ratio sets each request's budget")
-    if (ratio is not None or budget is not None) and cache not in BUDGETED:
-        raise UserError(f"model_args ratio=/budget= apply to the budgeted caches ({', '.join(BUDGETED)}), not "
+    if (ratio is not None or budget is not None) and cache not in budgeted:
+        raise UserError(f"model_args ratio=/budget= apply to the budgeted caches ({', '.join(budgeted)}), not "
                         f"cache={cache}" + (" (a DMC cache is sized by its model's trained CR)"
                                             if spec.trained is not None else ""))
-    if cache in BUDGETED and ratio is None and budget is None:
+    if cache in budgeted and ratio is None and budget is None:
         raise UserError(f"cache={cache} needs ratio=R (each request keeps 1/R of its tokens) or budget=N (slots)")
     ratio = None if ratio is None else typed("ratio", ratio, 1.0)
     if ratio is not None and ratio < 1:
@@ -129,6 +128,6 @@ def load(source: Optional[str] = None, cache: str = "dense", ratio=None, budget=
         return make(step * math.ceil(math.ceil(tokens / ratio) / step))
 
     description = {"source": source, "cache": cache, "ratio": ratio, "budget": fields.get("budget") if cache in
-                   BUDGETED and ratio is None else None, "budget_step": step if ratio is not None else None,
+                   budgeted and ratio is None else None, "budget_step": step if ratio is not None else None,
                    "dtype": dtype, "max_length": model.cfg.max_seq_len}
     return Loaded(model, method_for, description)
