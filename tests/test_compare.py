@@ -151,3 +151,31 @@ def test_a_rerun_reuses_the_rows_measured_with_the_same_settings_and_measures_on
     other = [a.replace("context=64", "context=48") for a in common]
     assert other != common and main(other + ["--config.compare.methods=('dense',)"]) == 0
     assert "reused" not in capsys.readouterr().out
+
+
+def test_a_full_per_head_buffer_is_an_error_or_counted_never_silent():
+    """A DMS cache that keeps every token (decisions never evict) in 12 slots per head, over 24-token rows: with
+    on_overflow='error' decoded perplexity and the passkey/multiple-choice path raise the cache's one-line error;
+    with 'evict' the number comes with the count of tokens forced out."""
+    import jax
+    import pytest
+
+    from dmc_jax.cache.dms import DMSCache
+    from dmc_jax.dms.config import DMSConfig
+    from dmc_jax.errors import UserError
+    from dmc_jax.evaluation.decode_perplexity import decode_perplexity
+    from dmc_jax.evaluation.forced_decode import prompt_then_decode
+
+    cfg = tiny_config()
+    params = llama.unstack_layers(init_params(cfg, jax.random.PRNGKey(0)))
+    rows = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size))
+    keep_all = DMSConfig(window=2, decision_offset=1e9)
+    with pytest.raises(UserError, match="overflow"):
+        decode_perplexity(params, rows, DMSCache(dms=keep_all, capacity=12), cfg, 4, 2)
+    res = decode_perplexity(params, rows, DMSCache(dms=keep_all, capacity=12, on_overflow="evict"), cfg, 4, 2)
+    L, K = cfg.num_layers, cfg.num_kv_heads
+    assert res.overflow == 2 * L * K * (23 - 12)  # tokens 0..22 enter the cache (the last is only scored)
+    zeros = np.zeros((2, 3), np.int32)
+    with pytest.raises(UserError, match="overflow at prefill"):
+        prompt_then_decode(params, rows[:, :16], np.full(2, 16, np.int32), zeros, zeros.astype(bool),
+                           DMSCache(dms=keep_all, capacity=12, on_overflow="evict"), cfg)

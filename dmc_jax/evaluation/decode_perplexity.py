@@ -27,6 +27,11 @@ from dmc_jax.model.params import Params
 @functools.partial(jax.jit, static_argnames=("method", "cfg", "prefix"))
 def nll_through_cache(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int):
     """Next-token NLL [B, N] of tokens prefix..T-1, decoding token by token through `method`; and its stats."""
+    nll_BN, state = _nll_and_state(params, tokens_BT, method, cfg, prefix)
+    return nll_BN, method.stats(state, jnp.full((tokens_BT.shape[0],), tokens_BT.shape[1], jnp.int32))
+
+
+def _nll_and_state(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int):
     B, T = tokens_BT.shape
     state = method.init(cfg, B, T)
     logits_BV, state = llama.prefill(params, tokens_BT[:, :prefix], jnp.full((B,), prefix, jnp.int32), state,
@@ -44,7 +49,13 @@ def nll_through_cache(params: Params, tokens_BT: jax.Array, method: CacheMethod,
     first_B = nll(logits_BV, tokens_BT[:, prefix])
     (state, _), rest_NB = jax.lax.scan(step, (state, logits_BV), jnp.arange(prefix, T - 1))
     nll_BN = jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
-    return nll_BN, method.stats(state, jnp.full((B,), T, jnp.int32))
+    return nll_BN, state
+
+
+@functools.partial(jax.jit, static_argnames=("method", "cfg", "prefix"))
+def _nll_stats_state(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int):
+    nll_BN, state = _nll_and_state(params, tokens_BT, method, cfg, prefix)
+    return nll_BN, method.stats(state, jnp.full((tokens_BT.shape[0],), tokens_BT.shape[1], jnp.int32)), state
 
 
 @dataclasses.dataclass
@@ -57,18 +68,26 @@ class DecodePerplexity:
     compression_ratio: float     # logical: tokens seen / entries kept at the end, over layers and heads
     bytes_allocated_per_sequence: float
     seconds: float
+    overflow: int = 0            # tokens a per-head buffer had no room for (allowed only by on_overflow='evict')
 
 
 def decode_perplexity(params: Params, rows_NT: np.ndarray, method: CacheMethod, cfg: ModelConfig, prefix: int,
                       batch: int) -> DecodePerplexity:
-    """Perplexity of token rows [N, T] decoded through `method` (rows batched `batch` at a time)."""
+    """Perplexity of token rows [N, T] decoded through `method` (rows batched `batch` at a time).
+
+    A cache whose per-head buffers ran out of room raises the method's UserError (never a silent number) unless
+    its on_overflow allows the fallback; the count is reported either way."""
     import time
 
     start = time.perf_counter()
-    total, scored, crs, nbytes = 0.0, 0, [], 0.0
+    total, scored, crs, nbytes, overflow = 0.0, 0, [], 0.0, 0
     for i in range(0, len(rows_NT), batch):
         chunk = jnp.asarray(rows_NT[i:i + batch])
-        nll_BN, stats = nll_through_cache(params, chunk, method, cfg, prefix)
+        nll_BN, stats, state = _nll_stats_state(params, chunk, method, cfg, prefix)
+        if hasattr(method, "check"):
+            method.check(state)
+        if "overflow_LBK" in stats:
+            overflow += int(jnp.sum(stats["overflow_LBK"]))
         total += float(jnp.sum(nll_BN))
         scored += int(nll_BN.size)
         kept = float(jnp.sum(stats["kept_LBK"]))
@@ -76,4 +95,5 @@ def decode_perplexity(params: Params, rows_NT: np.ndarray, method: CacheMethod, 
         nbytes = float(stats["bytes_allocated"]) / chunk.shape[0]
     return DecodePerplexity(perplexity=math.exp(total / scored), tokens_scored=scored, sequences=len(rows_NT),
                             context=rows_NT.shape[1], prefix=prefix, compression_ratio=float(np.mean(crs)),
-                            bytes_allocated_per_sequence=nbytes, seconds=time.perf_counter() - start)
+                            bytes_allocated_per_sequence=nbytes, seconds=time.perf_counter() - start,
+                            overflow=overflow)

@@ -20,10 +20,20 @@ from dmc_jax.model.config import ModelConfig
 from dmc_jax.model.params import Params
 
 
-@functools.partial(jax.jit, static_argnames=("method", "cfg"))
 def prompt_then_decode(params: Params, prompt_BT, lengths_B, forced_BN, force_BN, method: CacheMethod,
                        cfg: ModelConfig):
-    """Returns (log-prob of each step's input token under the previous logits [B, N], tokens fed [B, N])."""
+    """Returns (log-prob of each step's input token under the previous logits [B, N], tokens fed [B, N]).
+
+    A cache that ran out of room (a DMC or DMS buffer) raises its UserError instead of returning a number."""
+    logp_BN, tokens_BN, state = _prompt_then_decode(params, prompt_BT, lengths_B, forced_BN, force_BN, method, cfg)
+    if hasattr(method, "check"):
+        method.check(state)
+    return logp_BN, tokens_BN
+
+
+@functools.partial(jax.jit, static_argnames=("method", "cfg"))
+def _prompt_then_decode(params: Params, prompt_BT, lengths_B, forced_BN, force_BN, method: CacheMethod,
+                        cfg: ModelConfig):
     B, T = prompt_BT.shape
     N = forced_BN.shape[1]
     state = method.init(cfg, B, T + N)
@@ -36,5 +46,5 @@ def prompt_then_decode(params: Params, prompt_BT, lengths_B, forced_BN, force_BN
         logits_BV, state = llama.decode_step(params, token_B, lengths_B + i, state, method, cfg)
         return (state, logits_BV), (logp_B, token_B)
 
-    _, (logp_NB, tokens_NB) = jax.lax.scan(step, (state, logits_BV), jnp.arange(N))
-    return logp_NB.T, tokens_NB.T
+    (state, _), (logp_NB, tokens_NB) = jax.lax.scan(step, (state, logits_BV), jnp.arange(N))
+    return logp_NB.T, tokens_NB.T, state

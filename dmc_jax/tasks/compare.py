@@ -69,9 +69,11 @@ def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, d
         try:
             res = decode_perplexity(params, data["ppl_rows"], method, cfg, c.prefix, c.batch)
             row.update(ppl=res.perplexity, logical_cr=res.compression_ratio,
-                       bytes_per_seq=res.bytes_allocated_per_sequence, tokens_scored=res.tokens_scored)
+                       bytes_per_seq=res.bytes_allocated_per_sequence, tokens_scored=res.tokens_scored,
+                       overflow=res.overflow)
+            spill = f", {res.overflow} tokens forced out by a full buffer (on_overflow='evict')" if res.overflow else ""
             print(f"  perplexity {res.perplexity:.3f}, CR {res.compression_ratio:.2f}, "
-                  f"{res.bytes_allocated_per_sequence / 2**20:.2f} MB/seq ({res.seconds:.0f} s)", flush=True)
+                  f"{res.bytes_allocated_per_sequence / 2**20:.2f} MB/seq{spill} ({res.seconds:.0f} s)", flush=True)
         except UserError as e:  # e.g. a DMC cache that overflowed: recorded in the row, the grid goes on
             row["ppl_skipped"] = str(e)
             print(f"  perplexity not measured: {e}", flush=True)
