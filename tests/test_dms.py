@@ -158,6 +158,29 @@ def test_overflow_is_never_silent():
         method.check(state)
 
 
+def test_serving_threshold_trades_compression_for_keeping_more():
+    """cache.dms.threshold moves the decision boundary of the same model: a higher threshold never keeps fewer tokens
+    per head, a huge one keeps every token, and threshold t on offset o equals threshold 0 on offset o + t."""
+    from dmc_jax.cache import registry
+
+    cfg, params = _model()
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(4), (1, 40), 0, cfg.vocab_size)
+    kept = []
+    for t in (-0.5, 0.0, 0.5, 1e6):
+        _, state = _cached_logits(cfg, params, DMSCache(_hard(3), threshold=t), tokens_BT, jnp.array([12]), 20)
+        kept.append(np.asarray(state["pos"]) >= 0)
+    assert all((a <= b).all() for a, b in zip(kept, kept[1:])) and kept[0].sum() < kept[2].sum()
+    assert kept[-1].sum() == kept[-1].size == cfg.num_layers * cfg.num_kv_heads * 32
+    shifted, _ = _cached_logits(cfg, params, DMSCache(_hard(3, offset=0.5)), tokens_BT, jnp.array([12]), 20)
+    thresh, _ = _cached_logits(cfg, params, DMSCache(_hard(3), threshold=0.5), tokens_BT, jnp.array([12]), 20)
+    np.testing.assert_array_equal(np.stack(shifted), np.stack(thresh))
+    section = registry.default_config()
+    section.dms.threshold = 0.5
+    assert registry.build("dms", section, _hard(3)).threshold == 0.5
+    with pytest.raises(UserError, match="cache.dms.threshold"):
+        DMSCache(_hard(3), threshold=float("nan"))
+
+
 def test_generate_through_the_cache():
     cfg, params = _model()
     out = generate(llama.unstack_layers(params), [[5, 6, 7], [9]], cfg, DMSCache(_hard(2), target_cr=2.0),

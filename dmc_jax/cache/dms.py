@@ -15,7 +15,9 @@ State (stacked over layers):
 Decode, token t: mark the previous token (evict_at = t + w) if the decision says so, free the slots whose time has
 come (evict_at <= t), write t into the first free slot, attend over the occupied slots. A full buffer takes the slot
 of the marked token closest to leaving (else the oldest token) and counts it in `overflow`; `check` raises a
-UserError unless on_overflow='evict'. Prefill runs DMS's hard parallel form over the prompt (the delayed-eviction
+UserError unless on_overflow='evict'. `threshold` (cache.dms.threshold, 0 = the trained rule) moves the decision
+boundary at serving time: a token is marked when its decision logit exceeds it, so a positive threshold keeps more
+(lower CR, better quality) and a negative one evicts more, from the same trained model. Prefill runs DMS's hard parallel form over the prompt (the delayed-eviction
 mask) and keeps what a token-by-token pass would hold after the last prompt token, in position order.
 
 Shape letters: L layers, B batch, K KV heads, C slots, T prompt time, H query heads, Dh head dim.
@@ -36,6 +38,7 @@ from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dms.attention import dms_core
 from dmc_jax.dms.config import DMSConfig, default_section, from_section, validate_section
 from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
+from dmc_jax.errors import UserError
 from dmc_jax.model.attention import decode_attention
 from dmc_jax.model.config import ModelConfig
 
@@ -72,10 +75,18 @@ class DMSCache(RowOps):
     target_cr: float = 0.0
     margin: float = 1.25
     on_overflow: str = "error"
+    threshold: float = 0.0
     name: str = "dms"
 
     def __post_init__(self):
         check_sizing("dms", "capacity", self.capacity, self.target_cr, self.margin, self.on_overflow, OVERFLOW)
+        if not math.isfinite(self.threshold):
+            raise UserError(f"cache.dms.threshold must be a finite number; got {self.threshold}")
+
+    def _decision(self, q_BTHD, K: int, dms: DMSConfig):
+        """read_decision with the serving threshold: a token is marked when its logit exceeds `threshold`."""
+        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms)
+        return a_BTK - self.threshold, q_BTHD
 
     def init(self, cfg: ModelConfig, batch: int, max_tokens: int):
         self.dms.check_context(cfg.max_seq_len, "the model's context (model.max_seq_len)")
@@ -91,7 +102,7 @@ class DMSCache(RowOps):
     def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn):
         B, K, Dh = k_BKD.shape
         dms = self.dms.replace(mode="hard")
-        a_B1K, q_B1HD = read_decision(q_BHD[:, None], K, dms)
+        a_B1K, q_B1HD = self._decision(q_BHD[:, None], K, dms)
         mark_BK = (a_B1K[:, 0] > 0) & (positions_B > 0)[:, None]  # the previous token leaves after the window
         q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
         if dms.zero_after_rope:
@@ -129,7 +140,7 @@ class DMSCache(RowOps):
         K = k_BTKD.shape[2]
         dms, w = self.dms.replace(mode="hard"), self.dms.window
         t_T = jnp.arange(T, dtype=jnp.int32)
-        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms)
+        a_BTK, q_BTHD = self._decision(q_BTHD, K, dms)
         alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
         alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
         positions_BT = jnp.broadcast_to(t_T, (B, T))
@@ -195,7 +206,7 @@ TRAINED = registry.TrainedMethod(
 
 registry.register(registry.MethodSpec(
     name="dms", trained=TRAINED, sized_by_cr=True,
-    defaults={"capacity": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error"},
+    defaults={"capacity": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error", "threshold": 0.0},
     build=lambda s, hparams: DMSCache(from_section(hparams), capacity=s.capacity, target_cr=s.target_cr,
-                                      margin=s.margin, on_overflow=s.on_overflow),
+                                      margin=s.margin, on_overflow=s.on_overflow, threshold=float(s.threshold)),
     summary="Dynamic Memory Sparsification: learned delayed eviction (Lancucki et al., NeurIPS 2025)"))
