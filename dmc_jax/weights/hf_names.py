@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
+from dmc_jax.dms import hf_config as dms_hf_config
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES, ModelConfig, RopeScaling
 from dmc_jax.model.params import Params, flatten, param_shapes, unflatten
@@ -179,6 +180,7 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key):
             raise UserError(f"config.json sets {key}=true; dmc_jax supports Llama models without biases")
+    dms_hf_config.section_from_hf(d)  # a DMS model's fields we cannot honour fail here, before its tensors do
     try:
         theta, scaling = _rope_scaling(d)
         heads = int(d["num_attention_heads"])

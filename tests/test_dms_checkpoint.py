@@ -1,0 +1,127 @@
+"""A Qwen3 DMS directory laid out like nvidia/Qwen3-8B-DMS-8x loads as method 'dms' and computes what the DMS
+reference computes: logits and per-token decisions of NVIDIA Model-Optimizer's Qwen3ForCausalLMDMS prefill (fp32).
+
+Fixture: tests/fixtures/tiny_qwen3_dms/ (bfloat16 Qwen3 tensors + config.json with the DMS fields) and
+tiny_qwen3_dms_reference.npz, both written by make_qwen3_dms_reference.py in the torch fixture environment.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dmc_jax.cache import model_method
+from dmc_jax.cache.dms import DMSCache
+from dmc_jax.dms.attention import DMSAttention
+from dmc_jax.dms.config import from_section
+from dmc_jax.errors import UserError
+from dmc_jax.model import llama
+from dmc_jax.weights.hf_io import load_hf_dir
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+DIR = os.path.join(FIX, "tiny_qwen3_dms")
+REF = np.load(os.path.join(FIX, "tiny_qwen3_dms_reference.npz"))
+
+
+def _load():
+    cfg, params = load_hf_dir(DIR)
+    return cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # fp32 compute from the bf16 weights
+
+
+def _config(source, method="auto", **dms_cache):
+    return ml_collections.ConfigDict({"model": {"source": source}, "cache": {"method": method, "dms": dms_cache}})
+
+
+def test_directory_resolves_to_the_dms_method_with_its_settings():
+    cfg, params = load_hf_dir(DIR)
+    assert cfg.qk_norm and cfg.param_dtype == "bfloat16" and params["layers"]["q"].dtype == jnp.bfloat16
+    method = model_method.make(_config(DIR))
+    assert isinstance(method, DMSCache)
+    assert (method.dms.window, method.dms.decision_scale, method.dms.decision_offset) == (8, 100.0, 5.0)
+    assert method.dms.decision_channel == -1 and method.dms.zero_after_rope and method.target_cr == 8.0
+    assert method.init(cfg, 1, 40)["k"].shape[3] == 9 + 5  # w + 1 slots + ceil(31 tokens / CR 8 x margin 1.25)
+
+
+def test_logits_and_decisions_match_the_reference():
+    cfg, params = _load()
+    ids = jnp.asarray(REF["input_ids"])
+    dms = from_section(model_method.read(DIR).hparams).replace(mode="hard")
+    logits, aux = llama.forward_aux(params, ids, cfg, attention=DMSAttention(dms))
+    np.testing.assert_allclose(np.asarray(logits), REF["logits"], atol=1e-4, rtol=1e-4)
+    # reference: decisions[L, B, K, T] = a_t > 0 (token t marks t - 1; token 0 marks nothing, so t >= 1 counts)
+    ours_LBKT = np.asarray(aux["alpha_st_BTK"]).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(ours_LBKT[..., 1:], REF["decisions"][..., 1:])
+    assert 0.2 < REF["decisions"][..., 1:].mean() < 0.8  # a real mix: eviction is exercised, not vacuous
+    keep = llama.forward_aux(params, ids, cfg, attention=DMSAttention(dms.replace(mode="keep")))[0]
+    assert np.abs(np.asarray(keep) - REF["logits"]).max() > 1e-2  # the window (8 < 40 tokens) evicts something
+
+
+_prefill = jax.jit(llama.prefill, static_argnames=("method", "cfg"))
+_decode = jax.jit(llama.decode_step, static_argnames=("method", "cfg"))
+
+
+def test_cache_method_auto_serves_it_like_the_reference():
+    """cache.method 'auto' on the directory: prefill 16 tokens, decode the rest token by token; every logit is
+    the reference prefill's logit at that position (the reference's prefill is exact DMS inference). The random
+    tiny model marks about half its tokens, not 7/8 as dms_cr=8 says: the buffer gets room for all 40 tokens."""
+    cfg, params = _load()
+    params = llama.unstack_layers(params)
+    method = model_method.make(_config(DIR, capacity=40))
+    ids = jnp.asarray(REF["input_ids"])
+    B, T, P = ids.shape[0], ids.shape[1], 16
+    state = method.init(cfg, B, T)
+    logits, state = _prefill(params, ids[:, :P], jnp.full((B,), P), state, method=method, cfg=cfg)
+    got = [logits]
+    for t in range(P, T):
+        logits, state = _decode(params, ids[:, t], jnp.full((B,), t), state, method=method, cfg=cfg)
+        got.append(logits)
+    np.testing.assert_allclose(np.stack(got[:-1], 1), REF["logits"][:, P - 1:T - 1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[-1], REF["logits"][:, T - 1], atol=1e-4, rtol=1e-4)
+    method.check(state)
+    stats = method.stats(state, jnp.full((B,), T))
+    assert float(stats["compression_ratio"]) > 1.2  # tokens left the cache
+
+
+def _with(tmp_path, **fields):
+    d = str(tmp_path / "m")
+    shutil.copytree(DIR, d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(fields)
+    for k in [k for k, v in fields.items() if v is ...]:
+        del cfg[k]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return d
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"dms_separate_alpha": True}, r"dms_separate_alpha=True cannot be honoured: .*adapter"),
+    ({"dms_alpha_per": "layer"}, r"dms_alpha_per='layer' cannot be honoured"),
+    ({"dms_disable_eviction": True}, r"dms_disable_eviction=True cannot be honoured"),
+    ({"dms_new_thing": 3}, r"DMS field dms_new_thing=3 is not known"),
+    ({"dms_window_size": "512"}, r"dms_window_size must be an integer, got '512'"),
+    ({"dms_window_size": ...}, r"no dms_window_size"),
+    ({"dms_alpha_scale": 0}, r"dms_alpha_scale must be > 0, got 0.0"),
+    ({"dms_window_size": 600}, r"dms.window=600 is not shorter than the model's context"),
+])
+def test_fields_we_cannot_honour_are_one_line_errors(tmp_path, fields, match):
+    d = _with(tmp_path, **fields)
+    with pytest.raises(UserError, match=match) as e:
+        model_method.make(_config(d)).init(load_hf_dir(d)[0], 1, 8)
+    assert "\n" not in str(e.value)
+
+
+def test_reference_settings_that_change_nothing_are_accepted_and_kv_method_json_wins(tmp_path):
+    d = _with(tmp_path, dms_paged_attention_block_size=256, dms_chunked_prefill=None, dms_separate_alpha=False,
+              dms_alpha_per="head", dms_tau=0.1, dms_compile_limit=72)
+    assert model_method.read(d).method == "dms"
+    load_hf_dir(d)
+    with open(os.path.join(d, "kv_method.json"), "w") as f:
+        json.dump({"format": 1, "method": "dms", "hparams": {"window": 4}}, f)
+    assert model_method.make(_config(d)).dms.window == 4
+    assert model_method.resolve(_config(d, "dense")).name == "dense"
+    assert model_method.read(os.path.join(FIX, "tiny_qwen3_untied")) is None  # a plain Qwen3 stays dense
