@@ -1,8 +1,9 @@
-"""A Qwen3 DMS directory laid out like nvidia/Qwen3-8B-DMS-8x loads as method 'dms' and computes what the DMS
-reference computes: logits and per-token decisions of NVIDIA Model-Optimizer's Qwen3ForCausalLMDMS prefill (fp32).
+"""A Qwen3 DMS directory laid out like nvidia/Qwen3-8B-DMS-8x (decisions from a query channel), or like a
+Model-Optimizer export with decision adapters, loads as method 'dms' and computes what the DMS reference computes:
+logits and per-token decisions of NVIDIA Model-Optimizer's Qwen3ForCausalLMDMS prefill (fp32).
 
-Fixture: tests/fixtures/tiny_qwen3_dms/ (bfloat16 Qwen3 tensors + config.json with the DMS fields) and
-tiny_qwen3_dms_reference.npz, both written by make_qwen3_dms_reference.py in the torch fixture environment.
+Fixtures: tests/fixtures/tiny_qwen3_dms{,_adapter}/ (bfloat16 tensors + config.json with the DMS fields) and
+tiny_qwen3_dms_reference.npz, written by make_qwen3_dms_reference.py in the torch fixture environment.
 """
 
 import json
@@ -26,10 +27,12 @@ from dmc_jax.weights.hf_io import load_hf_dir
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 DIR = os.path.join(FIX, "tiny_qwen3_dms")
 REF = np.load(os.path.join(FIX, "tiny_qwen3_dms_reference.npz"))
+# (directory, prefix of its reference arrays in REF)
+MODELS = {"release": (DIR, ""), "adapter": (DIR + "_adapter", "adapter_")}
 
 
-def _load():
-    cfg, params = load_hf_dir(DIR)
+def _load(d=DIR):
+    cfg, params = load_hf_dir(d)
     return cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)  # fp32 compute from the bf16 weights
 
 
@@ -47,31 +50,44 @@ def test_directory_resolves_to_the_dms_method_with_its_settings():
     assert method.init(cfg, 1, 40)["k"].shape[3] == 9 + 5  # w + 1 slots + ceil(31 tokens / CR 8 x margin 1.25)
 
 
-def test_logits_and_decisions_match_the_reference():
-    cfg, params = _load()
+def test_adapter_directory_loads_its_adapter():
+    cfg, params = load_hf_dir(MODELS["adapter"][0])
+    assert cfg.dms_adapter and params["layers"]["dms_adapter"].shape == (2, 64, 2)  # [L, D, K]
+    assert params["layers"]["dms_adapter_norm"].shape == (2, 64)
+    method = model_method.make(_config(MODELS["adapter"][0]))
+    assert method.dms.decision == "adapter" and method.dms.window == 8 and method.target_cr == 8.0
+    assert not load_hf_dir(DIR)[0].dms_adapter and model_method.make(_config(DIR)).dms.decision == "q_channel"
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_logits_and_decisions_match_the_reference(model):
+    d, ref = MODELS[model]
+    cfg, params = _load(d)
     ids = jnp.asarray(REF["input_ids"])
-    dms = from_section(model_method.read(DIR).hparams).replace(mode="hard")
+    dms = from_section(model_method.read(d).hparams).replace(mode="hard")
     logits, aux = llama.forward_aux(params, ids, cfg, attention=DMSAttention(dms))
-    np.testing.assert_allclose(np.asarray(logits), REF["logits"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), REF[ref + "logits"], atol=1e-4, rtol=1e-4)
     # reference: decisions[L, B, K, T] = a_t > 0 (token t marks t - 1; token 0 marks nothing, so t >= 1 counts)
-    ours_LBKT = np.asarray(aux["alpha_st_BTK"]).transpose(0, 1, 3, 2)
-    np.testing.assert_array_equal(ours_LBKT[..., 1:], REF["decisions"][..., 1:])
-    assert 0.2 < REF["decisions"][..., 1:].mean() < 0.8  # a real mix: eviction is exercised, not vacuous
+    ours_LBKT = (np.asarray(aux["alpha_st_BTK"]) > 0.5).transpose(0, 1, 3, 2)  # straight-through: 1 - 6e-8
+    np.testing.assert_array_equal(ours_LBKT[..., 1:], REF[ref + "decisions"][..., 1:] > 0)
+    assert 0.2 < REF[ref + "decisions"][..., 1:].mean() < 0.8  # a real mix: eviction is exercised, not vacuous
     keep = llama.forward_aux(params, ids, cfg, attention=DMSAttention(dms.replace(mode="keep")))[0]
-    assert np.abs(np.asarray(keep) - REF["logits"]).max() > 1e-2  # the window (8 < 40 tokens) evicts something
+    assert np.abs(np.asarray(keep) - REF[ref + "logits"]).max() > 1e-2  # the window (8 < 40) evicts something
 
 
 _prefill = jax.jit(llama.prefill, static_argnames=("method", "cfg"))
 _decode = jax.jit(llama.decode_step, static_argnames=("method", "cfg"))
 
 
-def test_cache_method_auto_serves_it_like_the_reference():
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_cache_method_auto_serves_it_like_the_reference(model):
     """cache.method 'auto' on the directory: prefill 16 tokens, decode the rest token by token; every logit is
     the reference prefill's logit at that position (the reference's prefill is exact DMS inference). The random
     tiny model marks about half its tokens, not 7/8 as dms_cr=8 says: the buffer gets room for all 40 tokens."""
-    cfg, params = _load()
+    d, ref = MODELS[model]
+    cfg, params = _load(d)
     params = llama.unstack_layers(params)
-    method = model_method.make(_config(DIR, capacity=40))
+    method = model_method.make(_config(d, capacity=40))
     ids = jnp.asarray(REF["input_ids"])
     B, T, P = ids.shape[0], ids.shape[1], 16
     state = method.init(cfg, B, T)
@@ -80,8 +96,8 @@ def test_cache_method_auto_serves_it_like_the_reference():
     for t in range(P, T):
         logits, state = _decode(params, ids[:, t], jnp.full((B,), t), state, method=method, cfg=cfg)
         got.append(logits)
-    np.testing.assert_allclose(np.stack(got[:-1], 1), REF["logits"][:, P - 1:T - 1], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(got[-1], REF["logits"][:, T - 1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.stack(got[:-1], 1), REF[ref + "logits"][:, P - 1:T - 1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[-1], REF[ref + "logits"][:, T - 1], atol=1e-4, rtol=1e-4)
     method.check(state)
     stats = method.stats(state, jnp.full((B,), T))
     assert float(stats["compression_ratio"]) > 1.2  # tokens left the cache
@@ -99,7 +115,8 @@ def _with(tmp_path, **fields):
 
 
 @pytest.mark.parametrize("fields, match", [
-    ({"dms_separate_alpha": True}, r"dms_separate_alpha=True cannot be honoured: .*adapter"),
+    ({"dms_separate_alpha": True}, r"missing tensor model.layers.0.self_attn.dms_proj_alpha.weight"),
+    ({"dms_separate_alpha": "yes"}, r"dms_separate_alpha must be true or false, got 'yes'"),
     ({"dms_alpha_per": "layer"}, r"dms_alpha_per='layer' cannot be honoured"),
     ({"dms_disable_eviction": True}, r"dms_disable_eviction=True cannot be honoured"),
     ({"dms_new_thing": 3}, r"DMS field dms_new_thing=3 is not known"),

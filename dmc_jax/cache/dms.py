@@ -73,6 +73,7 @@ class DMSCache(RowOps):
     margin: float = 1.25
     on_overflow: str = "error"
     name: str = "dms"
+    reads_adapter = True  # llama.py passes a DMS adapter's logits (adapter_BTK; T = 1 at decode) when there is one
 
     def __post_init__(self):
         check_sizing("dms", "capacity", self.capacity, self.target_cr, self.margin, self.on_overflow, OVERFLOW)
@@ -88,13 +89,13 @@ class DMSCache(RowOps):
                 "lost": jnp.zeros((L, batch, K), jnp.int32)}
 
     # ----------------------------------------------------------------------------------------------- decode
-    def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn):
+    def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn, adapter_BTK=None):
         B, K, Dh = k_BKD.shape
         dms = self.dms.replace(mode="hard")
-        a_B1K, q_B1HD = read_decision(q_BHD[:, None], K, dms)
+        a_B1K, q_B1HD = read_decision(q_BHD[:, None], K, dms, adapter_BTK)  # adapter_BTK: [B, 1, K]
         mark_BK = (a_B1K[:, 0] > 0) & (positions_B > 0)[:, None]  # the previous token leaves after the window
         q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
-        if dms.zero_after_rope:
+        if dms.zero_after_rope and dms.decision == "q_channel":
             q_BHD = zero_decision_heads(q_BHD[:, None], K, dms.channel(Dh))[:, 0]
         k_BKD = rope(k_BKD[:, None], positions_B[:, None])[:, 0]
         pos_BKC, evict_BKC, last_BK = state["pos"][layer], state["evict_at"][layer], state["last"][layer]
@@ -124,12 +125,12 @@ class DMSCache(RowOps):
         return out_BHD, state
 
     # ---------------------------------------------------------------------------------------------- prefill
-    def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn):
+    def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter_BTK=None):
         B, T, _, Dh = q_BTHD.shape
         K = k_BTKD.shape[2]
         dms, w = self.dms.replace(mode="hard"), self.dms.window
         t_T = jnp.arange(T, dtype=jnp.int32)
-        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms)
+        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms, adapter_BTK)
         alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
         alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
         positions_BT = jnp.broadcast_to(t_T, (B, T))
