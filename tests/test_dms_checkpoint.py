@@ -142,3 +142,26 @@ def test_reference_settings_that_change_nothing_are_accepted_and_kv_method_json_
     assert model_method.make(_config(d)).dms.window == 4
     assert model_method.resolve(_config(d, "dense")).name == "dense"
     assert model_method.read(os.path.join(FIX, "tiny_qwen3_untied")) is None  # a plain Qwen3 stays dense
+
+
+def test_generate_task_serves_the_directory_with_its_dms_cache(tmp_path, capsys):
+    """The CLI path: model.source=<dir> (plus a 256-byte tokenizer), cache.method 'auto' -> the DMS cache; an
+    undersized buffer (CR 8 for a random model that evicts ~half) is a one-line error, never a silent result."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from dmc_jax.main import main
+
+    d = _with(tmp_path)
+    t = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                             merges=[]))
+    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    t.save(os.path.join(d, "tokenizer.json"))
+    config = os.path.join(os.path.dirname(FIX), "..", "configs", "smollm2.py")
+    argv = ["--config", config, "--config.task=generate", f"--config.model.source={d}", "--config.generate.chat=False",
+            "--config.generate.max_new_tokens=20", "--config.model.max_seq_len=128",
+            f"--config.output_dir={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    assert "DMS cache overflow at prefill" in capsys.readouterr().err
+    assert main(argv + ["--config.cache.dms.capacity=128"]) == 0
+    results = json.load(open(tmp_path / "out" / "results.json"))["results"]
+    assert results["cache_method"] == "dms" and 1 <= len(results["samples"][0]["completion_ids"]) <= 20
