@@ -90,7 +90,7 @@ def default_section() -> ml_collections.ConfigDict:
         decision_offset=5.0,
         temperature=0.1,        # Gumbel-sigmoid tau
         zero_after_rope=True,
-        decision="q_channel",   # or 'adapter': a learned linear map from the layer input (needs model.dms_adapter)
+        decision="q_channel",   # or 'adapter': a learned linear map from the layer input (train adds a fresh one)
     ))
 
 

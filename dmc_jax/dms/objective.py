@@ -102,6 +102,18 @@ def eval_attention(section: ml_collections.ConfigDict, control: bool = False):
     return DMSAttention(from_section(section).replace(mode="keep" if control else "hard"))
 
 
+def with_adapter(config: ml_collections.ConfigDict, model_cfg: ModelConfig, params):
+    """(model_cfg, params) with a fresh DMS adapter (W_a = 0, norm = 1) when dms.decision='adapter' and the model
+    has none (the train task's prepare_model hook); unchanged otherwise."""
+    if "dms" not in config or dms_config(config.dms).decision != "adapter" or model_cfg.dms_adapter:
+        return model_cfg, params
+    L, D, K = model_cfg.num_layers, model_cfg.embed_dim, model_cfg.num_kv_heads
+    dtype = jnp.asarray(params["layers"]["q"]).dtype
+    layers = {**params["layers"], "dms_adapter": jnp.zeros((L, D, K), dtype),
+              "dms_adapter_norm": jnp.ones((L, D), dtype)}
+    return model_cfg.replace(dms_adapter=True), {**params, "layers": layers}
+
+
 def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMSObjective:
     """Factory registered as train.objective = 'dms'."""
     if "dms" not in config:
@@ -109,7 +121,7 @@ def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMSObject
     c = config.dms
     validate(c, config.data.seq_len if "data" in config else None)
     if dms_config(c).decision == "adapter" and not model_cfg.dms_adapter:
-        raise UserError("dms.decision='adapter' needs a model with DMS adapter parameters (a DMS adapter checkpoint, "
-                        "config.json dms_separate_alpha=true); this model has none: use dms.decision='q_channel'")
+        raise UserError("dms.decision='adapter' needs a model with DMS adapter parameters (the train task adds "
+                        "fresh ones; a DMS adapter checkpoint has them); this model has none")
     return DMSObjective(cfg=model_cfg, dms=dms_config(c), final_cr=float(c.target_cr),
                         ramp_steps=int(c.ramp_steps), cr_loss_weight=float(c.cr_loss_weight))
