@@ -28,7 +28,7 @@ def run(config, model) -> dict:
     if config.data.seq_len > model.cfg.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds the model's context length "
                         f"{model.cfg.max_seq_len}; lower data.seq_len")
-    model = _prepared(config, model)
+    model = prepared(config, model)
     objective = make_objective(config.train.objective, config, model.cfg)  # bad objective options fail first
     if jax.process_index() == 0:  # one process prepares the corpus (idempotent); the others wait for it
         prepare(config.data, tokenizer)
@@ -52,8 +52,9 @@ def run(config, model) -> dict:
     return summary
 
 
-def _prepared(config, model):
-    """The model with the parameters its trained method adds (TrainedMethod.prepare_model), else as it is."""
+def prepared(config, model):
+    """The model with the parameters its trained method adds (TrainedMethod.prepare_model), else as it is;
+    idempotent."""
     import dataclasses
 
     from dmc_jax.cache import registry
