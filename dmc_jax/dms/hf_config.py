@@ -81,7 +81,7 @@ def section_from_hf(d: Mapping[str, Any], path: str = "config.json") -> Optional
         raise UserError(f"{path}: dms_window_size must be >= 0, got {section['window']}")
     if section.get("decision_scale", 1.0) <= 0:
         raise UserError(f"{path}: dms_alpha_scale must be > 0, got {section['decision_scale']} (the decision is "
-                        f"a > 0 with a = q * scale - offset)")
+                        f"a > 0 with a = raw * scale - offset)")
     if section.get("temperature", 1.0) <= 0:
         raise UserError(f"{path}: dms_tau must be > 0, got {section['temperature']}")
     if section.get("target_cr", 1.0) < 1.0:
