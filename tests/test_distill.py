@@ -106,3 +106,55 @@ def test_teacher_with_another_vocabulary_is_a_user_error(corpus, tmp_path):
     with pytest.raises(UserError, match=rf"distill.teacher .* vocabulary of {CFG.vocab_size + 8} tokens, the student "
                                         rf"{CFG.vocab_size}; distillation needs the same tokenizer"):
         make_objective("dms", c, CFG)
+
+
+def test_frozen_base_trains_only_a_fresh_dms_adapter(corpus, tmp_path):
+    """dms.decision='adapter' on a model without one: the train task's prepare hook adds W_a = 0 and a unit norm;
+    the real train step then moves the adapter only (the reference's adapter recipe: frozen base)."""
+    from dmc_jax.cache import registry
+
+    tmp, data = corpus
+    c = _config(data, tmp_path / "run", base_lr_scale=0.0)
+    c.dms.update(decision="adapter", decision_scale=1.0, decision_offset=0.0)
+    with pytest.raises(UserError, match="needs a model with DMS adapter parameters"):
+        make_objective("dms", c, CFG)
+    cfg, params0 = registry.load_factory(registry.trained("dms").prepare_model)(
+        c, CFG, init_params(CFG, jax.random.PRNGKey(0)))
+    assert cfg.dms_adapter and params0["layers"]["dms_adapter"].shape == (CFG.num_layers, CFG.embed_dim,
+                                                                         CFG.num_kv_heads)
+    obj = make_objective("dms", c, cfg)
+    teacher = obj.frozen_inputs(params0)
+    s = loop.setup(c, cfg, params0, obj, frozen=teacher)
+    p, o, rng = s.init_state(jax.tree.map(jnp.copy, params0), 0)
+    frozen = s.put_frozen(teacher)
+    for step in range(3):
+        p = jax.device_put(obj.on_step(p, step), s.param_shardings)
+        p, o, metrics = s.train_step(p, o, s.put_batch(packed_batch(rows=4, seed=step)), rng, jnp.int32(step),
+                                     *frozen)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["cr_loss"]) > 0
+    after = dict(jax.tree_util.tree_leaves_with_path(p))
+    for name, before in jax.tree_util.tree_leaves_with_path(params0):
+        key = jax.tree_util.keystr(name)
+        if "dms_adapter" in key:
+            assert (np.asarray(after[name]) != np.asarray(before)).any(), key
+        else:
+            np.testing.assert_array_equal(after[name], before, err_msg=key)
+
+
+def test_train_task_adds_the_adapter_and_exports_a_servable_dms_adapter_model(corpus, tmp_path):
+    from dmc_jax.cache import model_method
+    from dmc_jax.tasks import train as train_task
+    from dmc_jax.weights.hf_io import load_hf_dir
+    from tests.test_training import tiny_model
+
+    _, data = corpus
+    c = _config(data, tmp_path / "run", base_lr_scale=0.0)
+    c.dms.update(decision="adapter")
+    c.train.update(steps=2, export_dir=str(tmp_path / "export"))
+    c.checkpoint.every_steps = 0
+    train_task.run(c, tiny_model())
+    cfg, params = load_hf_dir(str(tmp_path / "export"))
+    assert cfg.dms_adapter and np.asarray(params["layers"]["dms_adapter"]).any()  # trained from 0
+    method = model_method.make(ml_collections.ConfigDict({"model": {"source": str(tmp_path / "export")},
+                                                          "cache": {"method": "auto"}}))
+    assert method.name == "dms" and method.dms.decision == "adapter" and method.dms.window == 4

@@ -174,9 +174,13 @@ def test_serving_threshold_trades_compression_for_keeping_more():
     shifted, _ = _cached_logits(cfg, params, DMSCache(_hard(3, offset=0.5)), tokens_BT, jnp.array([12]), 20)
     thresh, _ = _cached_logits(cfg, params, DMSCache(_hard(3), threshold=0.5), tokens_BT, jnp.array([12]), 20)
     np.testing.assert_array_equal(np.stack(shifted), np.stack(thresh))
+    from dmc_jax.dms.config import default_section
+
     section = registry.default_config()
     section.dms.threshold = 0.5
-    assert registry.build("dms", section, _hard(3)).threshold == 0.5
+    hparams = default_section()
+    hparams.window = 3
+    assert registry.build("dms", section, hparams).threshold == 0.5
     with pytest.raises(UserError, match="cache.dms.threshold"):
         DMSCache(_hard(3), threshold=float("nan"))
 
@@ -233,3 +237,95 @@ def test_config_validates_and_registers_the_cache():
     c.dms.window = 256
     with pytest.raises(UserError, match="dms.window=256 is not shorter than data.seq_len=256"):
         config_schema.validate(c)
+
+
+# ------------------------------------------------------------------------------------------ decision adapter
+def _adapter_model(seed=0):
+    """A tiny model with DMS adapters whose raw logits straddle offset / scale (a mix of kept and marked tokens)."""
+    cfg = tiny_config(num_kv_heads=2, num_heads=4, dms_adapter=True)
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    assert not np.asarray(params["layers"]["dms_adapter"]).any()  # initialized to 0: nothing marked at the start
+    layers = dict(params["layers"])
+    layers["dms_adapter"] = 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 7), layers["dms_adapter"].shape)
+    return cfg, dict(params, layers=layers)
+
+
+def _adapter(window):
+    return DMSConfig(window=window, decision_scale=1.0, decision_offset=0.0, mode="hard", decision="adapter")
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_adapter_cache_equals_parallel_form_and_token_by_token(window):
+    cfg, params = _adapter_model()
+    dms = _adapter(window)
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(4), (2, 20), 0, cfg.vocab_size)
+    parallel_BTV, aux = llama.forward_aux(params, tokens_BT, cfg, attention=DMSAttention(dms))
+    marks = np.asarray(aux["alpha_st_BTK"])[:, :, 1:]
+    assert 0.2 < marks.mean() < 0.8
+    method, lengths_B = DMSCache(dms), jnp.array([14, 9])
+    prefilled, state = _cached_logits(cfg, params, method, tokens_BT, lengths_B, 5)
+    stepwise, _ = _cached_logits(cfg, params, method, tokens_BT, jnp.array([1, 1]), 18)
+    assert not np.asarray(state["overflow"]).any() and not np.asarray(state["lost"]).any()
+    for i, logits_BV in enumerate(prefilled):
+        np.testing.assert_allclose(logits_BV, parallel_BTV[jnp.arange(2), lengths_B - 1 + i], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits_BV[0], stepwise[13 + i][0], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits_BV[1], stepwise[8 + i][1], atol=1e-4, rtol=1e-4)
+    # the adapter reads the layer input, not q: the q-channel form gives other decisions on the same weights
+    q_aux = llama.forward_aux(params, tokens_BT, cfg, attention=DMSAttention(_hard(window)))[1]
+    assert (np.asarray(q_aux["alpha_st_BTK"]) != np.asarray(aux["alpha_st_BTK"])).any()
+
+
+def test_adapter_decisions_are_the_adapter_of_the_layer_input():
+    cfg, params = _adapter_model(seed=3)
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (1, 6), 0, cfg.vocab_size)
+    dms = _adapter(2).replace(decision_scale=100.0, decision_offset=5.0)
+    _, aux = llama.forward_aux(params, tokens_BT, cfg, attention=DMSAttention(dms))
+    # layer 0's input is the embedding: a = (RMSNorm_a(x) @ W_a) * scale - offset, computed here by hand in numpy
+    x = np.asarray(params["embed"]["embedding"])[np.asarray(tokens_BT[0])]
+    w = params["layers"]
+    n = x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(w["dms_adapter_norm"][0])
+    a = n @ np.asarray(w["dms_adapter"][0]) * 100.0 - 5.0
+    np.testing.assert_array_equal(np.asarray(aux["alpha_st_BTK"])[0, 0, 1:] > 0.5, a[1:] > 0)
+
+
+def test_adapter_objective_trains_only_the_adapter():
+    from dmc_jax.training.distill import _freeze
+
+    cfg, params = _adapter_model()
+    c = dms_objective.default_config()
+    c.update(window=4, target_cr=4.0, ramp_steps=10, decision="adapter")
+    obj = dms_objective.make(ml_collections.ConfigDict({"dms": c, "data": {"seq_len": 32}}), cfg)
+    params0 = obj.on_step(params, 0)
+    assert not np.asarray(params0["layers"]["dms_adapter"]).any()  # step 0: a = -offset, nothing evicted
+    np.testing.assert_array_equal(params0["layers"]["q"], params["layers"]["q"])  # W_q untouched
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, cfg.vocab_size)
+    batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
+             "positions": jnp.broadcast_to(jnp.arange(32), (2, 32))}
+    mask = obj.decision_mask(params)
+    grads = jax.grad(lambda p: obj.loss(_freeze(p, mask, 1.0), batch, jax.random.PRNGKey(0), 5)[0])(params)
+    assert np.abs(np.asarray(grads["layers"]["dms_adapter"])).max() > 0
+    assert np.abs(np.asarray(grads["layers"]["dms_adapter_norm"])).max() > 0
+    for path in ("q", "k", "v", "o", "gate", "attn_norm"):
+        assert not np.asarray(grads["layers"][path]).any(), path  # frozen base: only the adapter trains
+    plain_cfg, _ = _model()
+    with pytest.raises(UserError, match="dms.decision='adapter' needs a model with DMS adapter parameters"):
+        dms_objective.make(ml_collections.ConfigDict({"dms": c, "data": {"seq_len": 32}}), plain_cfg)
+    with pytest.raises(UserError, match="the model has no DMS adapter"):
+        llama.forward_aux(init_params(plain_cfg, jax.random.PRNGKey(0)), tokens, plain_cfg,
+                          attention=DMSAttention(_adapter(2)))
+
+
+def test_adapter_model_runs_dense_and_round_trips_through_our_writer(tmp_path):
+    from dmc_jax.model.params import flatten
+    from dmc_jax.weights.hf_io import load_hf_dir, save_hf_dir
+
+    cfg, params = _adapter_model()
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(2), (1, 12), 0, cfg.vocab_size)
+    plain = dict(params, layers={k: v for k, v in params["layers"].items() if not k.startswith("dms_adapter")})
+    np.testing.assert_array_equal(llama.forward(params, tokens_BT, cfg),
+                                  llama.forward(plain, tokens_BT, cfg.replace(dms_adapter=False)))
+    save_hf_dir(str(tmp_path / "m"), cfg, params)
+    cfg2, params2 = load_hf_dir(str(tmp_path / "m"))
+    assert cfg2.dms_adapter
+    for path, w in flatten(params).items():
+        np.testing.assert_array_equal(np.asarray(flatten(params2)[path]), np.asarray(w), err_msg=path)

@@ -77,15 +77,16 @@ class DMSCache(RowOps):
     on_overflow: str = "error"
     threshold: float = 0.0
     name: str = "dms"
+    reads_adapter = True  # llama.py passes a DMS adapter's logits (adapter_BTK; T = 1 at decode) when there is one
 
     def __post_init__(self):
         check_sizing("dms", "capacity", self.capacity, self.target_cr, self.margin, self.on_overflow, OVERFLOW)
         if not math.isfinite(self.threshold):
             raise UserError(f"cache.dms.threshold must be a finite number; got {self.threshold}")
 
-    def _decision(self, q_BTHD, K: int, dms: DMSConfig):
+    def _decision(self, q_BTHD, K: int, dms: DMSConfig, adapter_BTK=None):
         """read_decision with the serving threshold: a token is marked when its logit exceeds `threshold`."""
-        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms)
+        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms, adapter_BTK)
         return a_BTK - self.threshold, q_BTHD
 
     def init(self, cfg: ModelConfig, batch: int, max_tokens: int):
@@ -99,13 +100,13 @@ class DMSCache(RowOps):
                 "lost": jnp.zeros((L, batch, K), jnp.int32)}
 
     # ----------------------------------------------------------------------------------------------- decode
-    def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn):
+    def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn, adapter_BTK=None):
         B, K, Dh = k_BKD.shape
         dms = self.dms.replace(mode="hard")
-        a_B1K, q_B1HD = self._decision(q_BHD[:, None], K, dms)
+        a_B1K, q_B1HD = self._decision(q_BHD[:, None], K, dms, adapter_BTK)  # adapter_BTK: [B, 1, K]
         mark_BK = (a_B1K[:, 0] > 0) & (positions_B > 0)[:, None]  # the previous token leaves after the window
         q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
-        if dms.zero_after_rope:
+        if dms.zero_after_rope and dms.decision == "q_channel":
             q_BHD = zero_decision_heads(q_BHD[:, None], K, dms.channel(Dh))[:, 0]
         k_BKD = rope(k_BKD[:, None], positions_B[:, None])[:, 0]
         pos_BKC, evict_BKC, last_BK = state["pos"][layer], state["evict_at"][layer], state["last"][layer]
@@ -135,12 +136,12 @@ class DMSCache(RowOps):
         return out_BHD, state
 
     # ---------------------------------------------------------------------------------------------- prefill
-    def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn):
+    def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter_BTK=None):
         B, T, _, Dh = q_BTHD.shape
         K = k_BTKD.shape[2]
         dms, w = self.dms.replace(mode="hard"), self.dms.window
         t_T = jnp.arange(T, dtype=jnp.int32)
-        a_BTK, q_BTHD = self._decision(q_BTHD, K, dms)
+        a_BTK, q_BTHD = self._decision(q_BTHD, K, dms, adapter_BTK)
         alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
         alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
         positions_BT = jnp.broadcast_to(t_T, (B, T))
@@ -202,7 +203,7 @@ def _check_sequences(section, config) -> None:
 TRAINED = registry.TrainedMethod(
     section="dms", defaults=lambda: default_section().to_dict(), validate=validate_section,
     objective="dmc_jax.dms.objective:make", evaluate="dmc_jax.dms.objective:eval_attention", serve_method="dms",
-    validate_run=_check_sequences)
+    validate_run=_check_sequences, prepare_model="dmc_jax.dms.objective:with_adapter")
 
 registry.register(registry.MethodSpec(
     name="dms", trained=TRAINED, sized_by_cr=True,

@@ -7,7 +7,9 @@ transformers loads the weights of such a directory as an ordinary model; what it
 them. Every task that builds a cache for model.source=<dir> resolves the method here (`resolve`): cache.method
 'auto' takes the directory's method, and a trained method (DMC, ...) always takes the hyper-parameters the model was
 trained with, so a model is never served with others. Directories written before this file carry
-`dmc_config.json` (DMC's section alone); they still load, as method 'dmc_paged'.
+`dmc_config.json` (DMC's section alone); they still load, as method 'dmc_paged'. A directory without either whose
+config.json has DMS fields (nvidia/Qwen3-8B-DMS-8x: dms_window_size, dms_alpha_scale, ...) is method 'dms' with
+the hyper-parameters those fields give (dmc_jax/dms/hf_config.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Optional
 import ml_collections
 
 from dmc_jax.cache import registry
+from dmc_jax.dms import hf_config as dms_hf_config
 from dmc_jax.errors import UserError
 from dmc_jax.user_files import read_json, saved_section
 
@@ -110,6 +113,11 @@ def read(source) -> Optional[SavedMethod]:
     if os.path.isfile(legacy):
         return SavedMethod("dmc_paged", checked_hparams(read_json(legacy, "the model's method file"), "dmc", legacy),
                            legacy)
+    hf = os.path.join(folder, "config.json")
+    if os.path.isfile(hf):
+        section = dms_hf_config.section_from_hf(read_json(hf, "the model's config.json"), hf)
+        if section is not None:
+            return SavedMethod("dms", checked_hparams(section, "dms", hf), hf)
     return None
 
 

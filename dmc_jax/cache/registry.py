@@ -57,6 +57,8 @@ class TrainedMethod:
     serve_method: the cache method a model trained for this is served with by default (cache.method 'auto').
     validate_run: optional checks of the section against the rest of a training run's config (section, config),
         e.g. DMS's window against data.seq_len.
+    prepare_model: optional 'module:function' (config, model_cfg, params) -> (model_cfg, params), run by the train
+        task before the objective is built: parameters the method adds to a model (DMS's decision adapter).
     """
 
     section: str
@@ -66,6 +68,7 @@ class TrainedMethod:
     evaluate: str = ""
     serve_method: str = ""
     validate_run: Optional[Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None]] = None
+    prepare_model: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

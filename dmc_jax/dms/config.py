@@ -1,8 +1,15 @@
 """DMS hyper-parameters; defaults follow NVIDIA's public reference (Model-Optimizer, experimental/dms).
 
-Eviction decision of KV head k at token t (no new parameters): a_t = q_t^(g0)[ch] * scale - offset, read from one
-channel of the FIRST query head g0 of the group (as the reference does), which is then zeroed in that head before
-and after RoPE so it no longer contributes to q.k. Keys and the other query heads are untouched. The decision made
+Eviction decision of KV head k at token t, from one of two sources (`decision`):
+  'q_channel' (default; no new parameters; the reference's dms_separate_alpha=False, the released
+      nvidia/Qwen3-8B-DMS-8x): a_t = q_t^(g0)[ch] * scale - offset, read from one channel of the FIRST query head
+      g0 of the group, which is then zeroed in that head before and after RoPE so it no longer contributes to q.k.
+      Keys and the other query heads are untouched.
+  'adapter' (the reference's dms_separate_alpha=True, Model-Optimizer's training recipe): a_t = (RMSNorm_a(x_t) @
+      W_a)[k] * scale - offset, a per-layer linear map [D, K] from the layer's input x_t (the residual stream,
+      before the attention norm) through the adapter's own RMSNorm; q and k are untouched. Its parameters are
+      params['layers']['dms_adapter'] [L, D, K] and ['dms_adapter_norm'] [L, D] (a model with cfg.dms_adapter).
+The decision made
 at token t marks the PREVIOUS token t - 1 (the reference shifts decisions by one); a marked token stays visible for
 a sliding window of w more tokens: query t sees key j iff t - j <= w or token j was not marked.
 """
@@ -16,6 +23,7 @@ import ml_collections
 from dmc_jax.errors import UserError
 
 MODES = ("train", "hard", "keep")
+SOURCES = ("q_channel", "adapter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +37,8 @@ class DMSConfig:
     temperature: tau of the Gumbel-sigmoid relaxation (0.1).
     mode: 'train' (relaxed decisions with logistic noise, the soft mask log(1 - alpha)), 'hard' (0/1 decisions,
         straight-through gradient: exactly what the inference cache keeps), 'keep' (nothing is ever evicted).
-    zero_after_rope: also zero channel ch of the decision head after RoPE (the reference does).
+    zero_after_rope: also zero channel ch of the decision head after RoPE (the reference does; q_channel only).
+    decision: where a comes from: 'q_channel' or 'adapter' (the module docstring).
     """
 
     window: int = 512
@@ -39,8 +48,11 @@ class DMSConfig:
     temperature: float = 0.1
     mode: str = "train"
     zero_after_rope: bool = True
+    decision: str = "q_channel"
 
     def __post_init__(self):
+        if self.decision not in SOURCES:
+            raise UserError(f"dms.decision must be one of {', '.join(SOURCES)}; got {self.decision!r}")
         if self.mode not in MODES:
             raise UserError(f"dms.mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if not isinstance(self.window, int) or self.window < 0:
@@ -78,6 +90,7 @@ def default_section() -> ml_collections.ConfigDict:
         decision_offset=5.0,
         temperature=0.1,        # Gumbel-sigmoid tau
         zero_after_rope=True,
+        decision="q_channel",   # or 'adapter': a learned linear map from the layer input (train adds a fresh one)
     ))
 
 
@@ -85,7 +98,7 @@ def from_section(c: ml_collections.ConfigDict) -> DMSConfig:
     """DMSConfig from a `dms` config section."""
     return DMSConfig(window=int(c.window), decision_channel=c.decision_channel, decision_scale=c.decision_scale,
                      decision_offset=c.decision_offset, temperature=c.temperature,
-                     zero_after_rope=c.zero_after_rope)
+                     zero_after_rope=c.zero_after_rope, decision=c.get("decision", "q_channel"))
 
 
 def validate_section(c: ml_collections.ConfigDict) -> None:

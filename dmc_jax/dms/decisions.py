@@ -1,4 +1,5 @@
-"""DMS eviction decisions read from one query channel of the first query head of each KV group.
+"""DMS eviction decisions: read from one query channel of the first query head of each KV group, or from the
+model's decision adapter (dms/config.py says which).
 
 Shape letters: B batch, T time, H query heads, K KV heads, G = H / K, Dh head dim.
 """
@@ -13,10 +14,17 @@ import jax.numpy as jnp
 from dmc_jax.dmc.config import DMCConfig
 from dmc_jax.dmc.decisions import decisions as gumbel_decisions
 from dmc_jax.dms.config import DMSConfig
+from dmc_jax.errors import UserError
 
 
-def read_decision(q_BTHD: jax.Array, num_kv_heads: int, dms: DMSConfig):
-    """(a_BTK decision logits in fp32, q with channel ch of each group's first head zeroed)."""
+def read_decision(q_BTHD: jax.Array, num_kv_heads: int, dms: DMSConfig, adapter_BTK: Optional[jax.Array] = None):
+    """(a_BTK decision logits in fp32, q as attention uses it). q_channel: channel ch of each group's first head,
+    zeroed in q. adapter: the adapter's raw logits adapter_BTK (llama.py computes them) scaled and offset; q as is."""
+    if dms.decision == "adapter":
+        if adapter_BTK is None:
+            raise UserError("dms.decision='adapter' but the model has no DMS adapter (params['layers']"
+                            "['dms_adapter']); load a DMS adapter checkpoint or use dms.decision='q_channel'")
+        return adapter_BTK.astype(jnp.float32) * dms.decision_scale - dms.decision_offset, q_BTHD
     G = q_BTHD.shape[2] // num_kv_heads
     ch = dms.channel(q_BTHD.shape[-1])
     a_BTK = q_BTHD[:, :, ::G, ch].astype(jnp.float32) * dms.decision_scale - dms.decision_offset

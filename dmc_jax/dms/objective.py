@@ -5,7 +5,8 @@ model + the same l_CR). l_CR = mean over sequences of max(0, (1 - 1/CR_target) -
 the reference also uses for DMS); CR_target rises linearly from 1 at step 0 to dms.target_cr at step
 dms.ramp_steps, then holds. At step 0 the W_q column that produces the decision channel of each group's first
 query head is zeroed (that channel is zeroed in attention anyway), so training starts at a = -offset: nothing
-evicted. Evaluation (rng None) uses hard decisions: validation CR is what the cache would evict.
+evicted. With dms.decision='adapter' the decision parameters are the adapter's (W_a and its norm; the model must
+have them: cfg.dms_adapter) and step 0 zeroes W_a instead (the reference's zero_out_proj_alpha). Evaluation (rng None) uses hard decisions: validation CR is what the cache would evict.
 
 Shape letters: L layers, B batch, T time, K KV heads, H query heads, Dh head dim, D model width.
 """
@@ -41,7 +42,7 @@ class DMSObjective:
     final_cr: float
     ramp_steps: int
     cr_loss_weight: float = 1.0
-    has_decision_params = True  # the W_q columns of the decision channel (training/distill.py's parameter groups)
+    has_decision_params = True  # W_q's decision columns or the adapter (training/distill.py's parameter groups)
 
     def student(self, params, batch, rng: Optional[jax.Array], step):
         """(logits_BTV, weighted compression loss, metrics) of the DMS model on batch."""
@@ -64,14 +65,21 @@ class DMSObjective:
     def decision_mask(self, params):
         """Pytree like params of (broadcastable) 0/1 masks: 1 on the decision parameters."""
         mask = jax.tree.map(lambda _: 0.0, params)
-        mask["layers"] = {**mask["layers"], "q": decision_column_mask(self.cfg, self.dms)}
+        if self.dms.decision == "adapter":
+            mask["layers"] = {**mask["layers"], "dms_adapter": 1.0, "dms_adapter_norm": 1.0}
+        else:
+            mask["layers"] = {**mask["layers"], "q": decision_column_mask(self.cfg, self.dms)}
         return mask
 
     def on_step(self, params, step: int):
-        """Host-side hook: at step 0, zero the W_q columns of the decision channel (decisions start at -offset)."""
+        """Host-side hook: at step 0, zero the W_q columns of the decision channel, or the adapter's W_a
+        (decisions start at -offset)."""
         if step != 0:
             return params
         layers = dict(params["layers"])
+        if self.dms.decision == "adapter":
+            layers["dms_adapter"] = jnp.zeros_like(jnp.asarray(layers["dms_adapter"]))
+            return {**params, "layers": layers}
         keep = 1.0 - decision_column_mask(self.cfg, self.dms)
         layers["q"] = jnp.asarray(layers["q"]) * keep.astype(jnp.asarray(layers["q"]).dtype)
         return {**params, "layers": layers}
@@ -94,11 +102,26 @@ def eval_attention(section: ml_collections.ConfigDict, control: bool = False):
     return DMSAttention(from_section(section).replace(mode="keep" if control else "hard"))
 
 
+def with_adapter(config: ml_collections.ConfigDict, model_cfg: ModelConfig, params):
+    """(model_cfg, params) with a fresh DMS adapter (W_a = 0, norm = 1) when dms.decision='adapter' and the model
+    has none (the train task's prepare_model hook); unchanged otherwise."""
+    if "dms" not in config or dms_config(config.dms).decision != "adapter" or model_cfg.dms_adapter:
+        return model_cfg, params
+    L, D, K = model_cfg.num_layers, model_cfg.embed_dim, model_cfg.num_kv_heads
+    dtype = jnp.asarray(params["layers"]["q"]).dtype
+    layers = {**params["layers"], "dms_adapter": jnp.zeros((L, D, K), dtype),
+              "dms_adapter_norm": jnp.ones((L, D), dtype)}
+    return model_cfg.replace(dms_adapter=True), {**params, "layers": layers}
+
+
 def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMSObjective:
     """Factory registered as train.objective = 'dms'."""
     if "dms" not in config:
         raise UserError("train.objective='dms' needs a 'dms' config section; start from configs/smollm2_dms.py")
     c = config.dms
     validate(c, config.data.seq_len if "data" in config else None)
+    if dms_config(c).decision == "adapter" and not model_cfg.dms_adapter:
+        raise UserError("dms.decision='adapter' needs a model with DMS adapter parameters (the train task adds "
+                        "fresh ones; a DMS adapter checkpoint has them); this model has none")
     return DMSObjective(cfg=model_cfg, dms=dms_config(c), final_cr=float(c.target_cr),
                         ramp_steps=int(c.ramp_steps), cr_loss_weight=float(c.cr_loss_weight))

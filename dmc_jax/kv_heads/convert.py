@@ -125,6 +125,8 @@ def convert_from_config(c, cfg: ModelConfig, params: Params, tokenizer, method: 
     method, rope = method or c.method, rope or c.rope
     if cfg.qk_norm:  # pooled / projected W_k would be followed by a norm computed on the original heads
         raise UserError("KV-head conversion does not support models with per-head q/k norms (Qwen3) yet")
+    if cfg.dms_adapter:  # its [D, K] decision maps are per original KV head
+        raise UserError("KV-head conversion does not support models with DMS decision adapters")
     tokens = None
     if method == "svd_a" and grams is None:
         files = [f.strip() for f in c.calib_files.split(",") if f.strip()] or default_calibration_files()

@@ -25,7 +25,8 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Llama family: RMSNorm, RoPE, SwiGLU, MHA/GQA/MQA, tied or untied embeddings; qk_norm adds Qwen3's per-head
-    RMSNorm of q and k (before RoPE)."""
+    RMSNorm of q and k (before RoPE); dms_adapter adds a DMS decision adapter per layer (dmc_jax/dms/decisions.py:
+    its own RMSNorm of the layer's input, then a linear map to one logit per KV head)."""
 
     vocab_size: int
     embed_dim: int
@@ -39,6 +40,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qk_norm: bool = False
+    dms_adapter: bool = False
     max_seq_len: int = 4096
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -82,7 +84,8 @@ class ModelConfig:
     def num_params(self) -> int:
         d, f, l = self.embed_dim, self.mlp_dim, self.num_layers
         attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = (attn + 3 * d * f + 2 * d + (2 * self.head_dim if self.qk_norm else 0)
+                     + (d * (self.num_kv_heads + 1) if self.dms_adapter else 0))
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + l * per_layer + d + head
 

@@ -5,6 +5,10 @@ Three entry points share one layer stack and differ only in how attention sees t
     prefill      a right-padded batch of prompts through a cache method, which builds its cache
     decode_step  one token per sequence through a cache method
 
+A model with DMS decision adapters (cfg.dms_adapter) also computes, per layer, the adapter's raw logits
+adapter_BTK from the layer's input (before its attention norm); an attention or cache method that reads them
+(`reads_adapter = True`: DMS's) gets them as the keyword adapter_BTK, every other one never sees them.
+
 Shape letters: B batch, T time, D model width, H query heads, K KV heads, Dh head dim, V vocab, L layers.
 """
 
@@ -24,8 +28,14 @@ from dmc_jax.model.layers import Rope, rms_norm, swiglu
 from dmc_jax.model.linear import dense, dense_transposed
 from dmc_jax.model.params import Params
 
-# (layer, q_BTHD, k_BTKD, v_BTKD, state) -> (out_BTHD, state, aux); q/k before RoPE; aux is stacked over layers.
-AttendFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, State], tuple]
+# (layer, q_BTHD, k_BTKD, v_BTKD, state, **extra) -> (out_BTHD, state, aux); q/k before RoPE; aux is stacked over
+# layers; extra: adapter_BTK with DMS adapters (see the module docstring).
+AttendFn = Callable[..., tuple]
+
+
+def _extra_for(target, extra: dict) -> dict:
+    """The layer's extra inputs for an attention / cache method that reads them, else none."""
+    return extra if getattr(target, "reads_adapter", False) else {}
 
 
 class SequenceAttention(Protocol):
@@ -80,7 +90,11 @@ def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: Att
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before the cache method sees them
             q_BTHD = rms_norm(q_BTHD, w["q_norm"], cfg.norm_eps)
             k_BTKD = rms_norm(k_BTKD, w["k_norm"], cfg.norm_eps)
-        attn_BTHD, state, aux = attend(layer, q_BTHD, k_BTKD, v_BTKD, state)
+        extra = {}
+        if "dms_adapter" in w:  # the reference reads the residual stream with the adapter's own norm
+            a_BTD = rms_norm(x_BTD, w["dms_adapter_norm"], cfg.norm_eps)
+            extra["adapter_BTK"] = dense(a_BTD, w["dms_adapter"], dtype, out_dtype=jnp.float32)
+        attn_BTHD, state, aux = attend(layer, q_BTHD, k_BTKD, v_BTKD, state, **extra)
         x_BTD = x_BTD + dense(attn_BTHD, w["o"], dtype, n_in=2).astype(x_BTD.dtype)
         h_BTD = rms_norm(x_BTD, w["mlp_norm"], cfg.norm_eps)
         x_BTD = x_BTD + swiglu(h_BTD, w["gate"], w["up"], w["down"], dtype).astype(x_BTD.dtype)
@@ -124,9 +138,10 @@ def forward_aux(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, position
         positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     rope = Rope(cfg)
 
-    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
+    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state, **extra):
         layer_rng = None if rng is None else jax.random.fold_in(rng, layer)
-        out_BTHD, aux = attention(layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, layer_rng)
+        out_BTHD, aux = attention(layer, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, rope, layer_rng,
+                                  **_extra_for(attention, extra))
         return out_BTHD, state, aux
 
     x_BTD, _, aux = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, None)
@@ -149,8 +164,9 @@ def prefill(params: Params, tokens_BT: jax.Array, lengths_B: jax.Array, state: S
                         f"start position); prefill whole sequences, or use a method that can (e.g. dense)")
     extra = {} if starts_B is None else {"starts_B": starts_B}
 
-    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
-        return (*method.prefill(state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope, **extra), None)
+    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state, **layer_extra):
+        return (*method.prefill(state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope, **extra,
+                                **_extra_for(method, layer_extra)), None)
 
     x_BTD, state, _ = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, state)
     last_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
@@ -162,8 +178,9 @@ def decode_step(params: Params, tokens_B: jax.Array, positions_B: jax.Array, sta
     """One token per sequence at absolute positions_B; returns logits [B, V] and the updated cache."""
     rope = Rope(cfg)
 
-    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state):
-        out_BHD, state = method.decode(state, layer, q_BTHD[:, 0], k_BTKD[:, 0], v_BTKD[:, 0], positions_B, rope)
+    def attend(layer, q_BTHD, k_BTKD, v_BTKD, state, **extra):
+        out_BHD, state = method.decode(state, layer, q_BTHD[:, 0], k_BTKD[:, 0], v_BTKD[:, 0], positions_B, rope,
+                                       **_extra_for(method, extra))  # adapter_BTK with T = 1
         return out_BHD[:, None], state, None
 
     x_BTD, state, _ = _layer_stack(params, _embed(params, tokens_B[:, None], cfg), cfg, attend, state)

@@ -12,6 +12,8 @@ stacked on a leading `layers` axis so the forward pass can `jax.lax.scan` over t
     layers/mlp_norm        L x D          (layers, embed)
     layers/q_norm          L x Dh         (layers, head_dim)  only with cfg.qk_norm (Qwen3), shared by all heads
     layers/k_norm          L x Dh         (layers, head_dim)  only with cfg.qk_norm
+    layers/dms_adapter_norm L x D         (layers, embed)     only with cfg.dms_adapter: DMS decision adapter
+    layers/dms_adapter     L x D x K      (layers, embed, kv_heads)  (dmc_jax/dms/decisions.py; initialized to 0)
     layers/gate            L x D x F      (layers, embed, mlp)
     layers/up              L x D x F      (layers, embed, mlp)
     layers/down            L x F x D      (layers, mlp, embed)
@@ -55,6 +57,9 @@ def param_shapes(cfg: ModelConfig) -> Dict[str, tuple]:
     if cfg.qk_norm:
         spec["layers/q_norm"] = ((L, Dh), ("layers", "head_dim"))
         spec["layers/k_norm"] = ((L, Dh), ("layers", "head_dim"))
+    if cfg.dms_adapter:
+        spec["layers/dms_adapter_norm"] = ((L, D), ("layers", "embed"))
+        spec["layers/dms_adapter"] = ((L, D, K), ("layers", "embed", "kv_heads"))
     if not cfg.tie_embeddings:
         spec["lm_head"] = ((D, V), ("embed", "vocab"))
     return spec
@@ -100,6 +105,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Params
     for key, (path, (shape, axes)) in zip(keys, sorted(spec.items())):
         if path.endswith("norm"):
             init = nn.initializers.ones
+        elif path == "layers/dms_adapter":  # decisions start at a = -offset: nothing evicted (as the reference)
+            init = nn.initializers.zeros
         else:
             init = nn.initializers.normal(stddev=_fan_in(path, shape) ** -0.5)
         value = nn.with_logical_partitioning(init, axes)(key, shape, cfg.pdtype)

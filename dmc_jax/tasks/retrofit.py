@@ -59,11 +59,14 @@ def _train(sub, model, host_params):
     """Trains a fresh copy of the original params; returns (final params, training summary)."""
     run_model = copy.copy(model)
     run_model.params = jax.tree.map(np.array, host_params)
+    run_model = train_task.prepared(sub, run_model)  # e.g. a fresh DMS adapter: what the checkpoints hold
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run_model.params)
     start = time.perf_counter()
     summary = train_task.run(sub, run_model)
     summary["wall_seconds_this_call"] = time.perf_counter() - start
     summary["training_seconds"] = _training_seconds(summary["run_dir"])
-    params = train_task.final_params(sub, model.cfg, host_params, make_objective(sub.train.objective, sub, model.cfg), summary)
+    params = train_task.final_params(sub, run_model.cfg, shapes,
+                                     make_objective(sub.train.objective, sub, run_model.cfg), summary)
     return params, summary
 
 
@@ -151,7 +154,8 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         row = _evaluate(params, ids, model, config, control_attention if control else hard)
         row.update(train=summary, tokens_trained=config.train.steps * config.data.batch_size * config.data.seq_len)
         if not control:  # the model first: a failed sample below must not cost the trained result
-            row["model_dir"] = model_method.save(os.path.join(sub.output_dir, "model"), model.cfg,
+            cfg = model.cfg.replace(dms_adapter="dms_adapter" in params["layers"])  # a DMS adapter it trained
+            row["model_dir"] = model_method.save(os.path.join(sub.output_dir, "model"), cfg,
                                                  jax.device_get(params), model.tokenizer, trained.serve_method,
                                                  sub[trained.section], config.get("cache"))
             print(f"{name}: model written to {row['model_dir']}")

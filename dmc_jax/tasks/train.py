@@ -28,6 +28,7 @@ def run(config, model) -> dict:
     if config.data.seq_len > model.cfg.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds the model's context length "
                         f"{model.cfg.max_seq_len}; lower data.seq_len")
+    model = prepared(config, model)
     objective = make_objective(config.train.objective, config, model.cfg)  # bad objective options fail first
     if jax.process_index() == 0:  # one process prepares the corpus (idempotent); the others wait for it
         prepare(config.data, tokenizer)
@@ -49,6 +50,20 @@ def run(config, model) -> dict:
         summary["export_dir"] = export(config, model, jax.device_get(params), export_dir)
         print(f"final parameters written to {summary['export_dir']}")
     return summary
+
+
+def prepared(config, model):
+    """The model with the parameters its trained method adds (TrainedMethod.prepare_model), else as it is;
+    idempotent."""
+    import dataclasses
+
+    from dmc_jax.cache import registry
+
+    trained = registry.trained(config.train.objective)
+    if trained is None or not trained.prepare_model:
+        return model
+    cfg, params = registry.load_factory(trained.prepare_model)(config, model.cfg, model.params)
+    return dataclasses.replace(model, cfg=cfg, params=params)
 
 
 def final_params(config, cfg, shapes, objective, summary):

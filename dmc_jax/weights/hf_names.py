@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 
+from dmc_jax.dms import hf_config as dms_hf_config
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES, ModelConfig, RopeScaling
 from dmc_jax.model.params import Params, flatten, param_shapes, unflatten
@@ -35,6 +36,9 @@ LAYER_NAMES = {
     "layers/down": ("mlp.down_proj.weight", 1),
     "layers/q_norm": ("self_attn.q_norm.weight", 0),  # Qwen3 only (cfg.qk_norm)
     "layers/k_norm": ("self_attn.k_norm.weight", 0),
+    # DMS decision adapter (cfg.dms_adapter; NVIDIA Model-Optimizer's dms_separate_alpha=true): [K, D] and [D]
+    "layers/dms_adapter": ("self_attn.dms_proj_alpha.weight", 1),
+    "layers/dms_adapter_norm": ("self_attn.dms_proj_alpha_norm.weight", 0),
 }
 # model_type -> (our qk_norm, the architecture transformers builds); both are the same decoder otherwise
 MODEL_TYPES = {"llama": (False, "LlamaForCausalLM"), "qwen3": (True, "Qwen3ForCausalLM")}
@@ -179,6 +183,7 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key):
             raise UserError(f"config.json sets {key}=true; dmc_jax supports Llama models without biases")
+    dms_adapter = dms_hf_config.has_adapter(d)  # a DMS field we cannot honour fails here, before the tensors do
     try:
         theta, scaling = _rope_scaling(d)
         heads = int(d["num_attention_heads"])
@@ -189,7 +194,7 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
             num_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(head_dim),
             mlp_dim=int(d["intermediate_size"]), rope_theta=theta, rope_scaling=scaling,
             norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qk_norm=MODEL_TYPES[model_type][0],
+            qk_norm=MODEL_TYPES[model_type][0], dms_adapter=dms_adapter,
             max_seq_len=int(d.get("max_position_embeddings", 2048)),
             param_dtype=dtype if dtype in DTYPES else "float32",
             bos_id=_first(d.get("bos_token_id")), eos_id=_first(d.get("eos_token_id")))
@@ -217,4 +222,5 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> Dict[str, Any]:
         "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1,
         "use_cache": True, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
         "torch_dtype": dtype or cfg.param_dtype,
+        **({"dms_separate_alpha": True} if cfg.dms_adapter else {}),  # the adapter's tensors are declared
     }
