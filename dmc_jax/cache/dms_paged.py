@@ -6,11 +6,14 @@ keeps most tokens, deep layers a few percent): at a buffer sized for the average
 others waste their reserve. Here a head holds only the pages its tokens fill. The decisions, the delayed eviction
 and therefore the tokens kept are DMSCache's with an unbounded buffer; only where a token lives differs.
 
-Memory rules, per head: a token goes into a free slot of the head's fullest page that has one (best fit, so sparse
-pages drain); a new page is taken from the pool only when every page the head holds is full; a page whose tokens
-have all left goes back to the pool at once. A head's pages sit at the front of its block-table row (a returned
-page's entry is filled by the row's last one), so attention gathers only a prefix of the table (bucketed widths as
-in the paged DMC cache, paged_attention.bucket_widths).
+Memory, per head: a token goes into a free slot of a page the head holds (the slot of a token that left is reused
+by the head's next token); a new page is taken from the pool only when every page the head holds is full. A DMS
+decode step adds one token to a head and removes at most one (the token whose delay is over), so what a head keeps
+never shrinks within a sequence and, with its free slots always reused, it holds exactly ceil(kept / N) pages: the
+pool's pages in use are the heads' kept tokens, each head rounded up to a page. A row's pages go back to the pool
+when it is freed (free_rows) or prefilled again. A head's pages sit at the front of its block-table row, so
+attention gathers only a prefix of the table (bucketed widths as in the paged DMC cache,
+paged_attention.bucket_widths).
 
 State:
     pool_k, pool_v  [P, N, Dh]     the page pool (keys after RoPE, values), shared by all layers and heads
@@ -22,7 +25,7 @@ State:
     table           [L, B, K, M]   block table: the pages a head holds, in its first entries; -1 = none
     count           [L, B, K]      tokens the head holds
     recent          [L, B, K, R]   pool slot (page * N + row) of the head's token at position p, at p % R, for its
-                                   last R = w + 1 tokens: the one a decision marks (t - 1) and the one that may
+                                   last R = min(w + 1, max_tokens) tokens: the one a decision marks (t - 1) and the one that may
                                    leave (t - 1 - w) are found without a search; -1 = none
     overflow        [L, B, K]      decode tokens that found no free slot and no page (see below; never silent)
     lost            [L, B, K]      tokens a prompt (or a row's first token) found no page for (always an error)
@@ -38,7 +41,7 @@ P = ceil(L * B * K * C / N) with C = dms.capacity_for(max_tokens, w, 0, target_c
 no-compression worst case L * B * K * ceil(max_tokens / N). The bytes follow the budget; the heads share it unevenly.
 
 Shape letters: L layers, B batch, K KV heads, P pool pages, N page size, M block-table width (pages per head),
-R recent tokens per head (w + 1), T prompt time, H query heads, Dh head dim, X flattened heads (B * K).
+R recent tokens per head, T prompt time, H query heads, Dh head dim, X flattened heads (B * K).
 """
 
 from __future__ import annotations
@@ -191,14 +194,13 @@ class DMSPagedCache(RowOps):
         gone_BK = (t_B1 - 1 - w >= 0) & ~idle_BK & (old_BK >= 0) & (read(pos_PN, old_BK) == t_B1 - 1 - w)
         gone_BK &= read(marked_PN, old_BK)
         pos_PN = pos_PN.at[at_pos(old_BK, gone_BK)].set(-1, mode="drop")
-        gone_page_BK = jnp.where(gone_BK, old_BK // N, P)
-        used_P = used_P.at[gone_page_BK].add(-1, mode="drop")
-        # 3. A slot for t: the fullest held page with room, else a new page, else (pool exhausted) a victim.
+        used_P = used_P.at[jnp.where(gone_BK, old_BK // N, P)].add(-1, mode="drop")
+        # 3. A slot for t: a free slot of a page the head holds, else a new page, else (pool exhausted) a victim.
         held_BKM = table_BKM >= 0
         held_BK = jnp.sum(held_BKM, axis=-1, dtype=jnp.int32)
         used_BKM = jnp.where(held_BKM, used_P[jnp.clip(table_BKM, 0, P - 1)], N)
         room_BK = jnp.any(used_BKM < N, axis=-1)
-        fit_page_BK = table_BKM[b_BK, k_BK, jnp.argmax(jnp.where(used_BKM < N, used_BKM, -1), axis=-1)]
+        fit_page_BK = table_BKM[b_BK, k_BK, jnp.argmax(used_BKM < N, axis=-1)]
         fit_row_BK = jnp.argmax(pos_PN[jnp.clip(fit_page_BK, 0, P - 1)] < 0, axis=-1)
         need_BK = ~idle_BK & ~room_BK & (held_BK < M)
         new_page_BK, top = pop_pages(state["free"], state["top"], need_BK.reshape(-1).astype(jnp.int32), 1)
@@ -224,21 +226,12 @@ class DMSPagedCache(RowOps):
         used_P = used_P.at[jnp.where(added_BK, page_BK, P)].add(1, mode="drop")
         pool_k = state["pool_k"].at[page_BK, row_BK].set(k_BKD.astype(state["pool_k"].dtype), mode="drop")
         pool_v = state["pool_v"].at[page_BK, row_BK].set(v_BKD.astype(state["pool_v"].dtype), mode="drop")
-        # 4. A page the leaving token emptied goes back to the pool; the row's last entry fills its place.
-        empty_BK = gone_BK & (used_P[jnp.minimum(gone_page_BK, P - 1)] == 0)
-        free_P, top = push_pages(state["free"], top, jnp.where(empty_BK, gone_page_BK, -1).reshape(-1))
-        j_BK = jnp.argmax(table_BKM == gone_page_BK[..., None], axis=-1)
-        last_BK = jnp.maximum(held_BK - 1, 0)
-        table_BKM = table_BKM.at[b_BK, k_BK, jnp.where(empty_BK, j_BK, M)].set(
-            table_BKM[b_BK, k_BK, last_BK], mode="drop")
-        table_BKM = table_BKM.at[b_BK, k_BK, jnp.where(empty_BK, last_BK, M)].set(-1, mode="drop")
-        held_BK = held_BK - empty_BK.astype(jnp.int32)
         slot_R = jnp.broadcast_to(t_B1 % R, (B, K))
         recent_BKR = recent_BKR.at[b_BK, k_BK, jnp.where(idle_BK, R, slot_R)].set(
             jnp.where(write_BK, addr_BK, -1), mode="drop")
         lost_BK = short_BK & ~write_BK & first_BK
         state = dict(state, pool_k=pool_k, pool_v=pool_v, pool_pos=pos_PN, pool_marked=marked_PN, used=used_P,
-                     free=free_P, top=top, refused=state["refused"].at[0].add(jnp.sum(short_BK, dtype=jnp.int32)))
+                     top=top, refused=state["refused"].at[0].add(jnp.sum(short_BK, dtype=jnp.int32)))
         state = _write(state, layer, {
             "table": table_BKM, "recent": recent_BKR,
             "count": count_BK - gone_BK.astype(jnp.int32) + added_BK.astype(jnp.int32),
