@@ -44,33 +44,32 @@ def _cached_logits(cfg, params, method, tokens_BT, lengths_B, steps):
 
 
 def _held_positions(state):
-    """[L][B][K] sorted positions of the tokens each head holds, read through its block table."""
-    table, pos = np.asarray(state["table"]), np.asarray(state["pool_pos"])
+    """[L][B][K] sorted positions of the tokens each head holds: its first `count` slots, through its block table."""
+    table, pos, count = np.asarray(state["table"]), np.asarray(state["pool_pos"]), np.asarray(state["count"])
+    N = pos.shape[1]
     L, B, K, _ = table.shape
-    return [[[sorted(int(p) for page in table[l, b, k] if page >= 0 for p in pos[page] if p >= 0)
-              for k in range(K)] for b in range(B)] for l in range(L)]
+    return [[[sorted(int(pos[table[l, b, k, s // N], s % N]) for s in range(count[l, b, k])) for k in range(K)]
+             for b in range(B)] for l in range(L)]
 
 
 def _check_accounting(state):
-    """Every page is free or held by one head; `used`, `count` and the pages held agree with the pool's slots."""
-    table, pos, used = np.asarray(state["table"]), np.asarray(state["pool_pos"]), np.asarray(state["used"])
+    """Every page is free or held by one head, and a head holds exactly the pages its kept tokens fill."""
+    table, N = np.asarray(state["table"]), state["pool_pos"].shape[1]
     held = table[table >= 0]
-    assert len(set(held.tolist())) == len(held) and int(state["top"]) + len(held) == pos.shape[0]
+    assert len(set(held.tolist())) == len(held) and int(state["top"]) + len(held) == state["pool_pos"].shape[0]
     assert not set(held.tolist()) & set(np.asarray(state["free"])[:int(state["top"])].tolist())
-    np.testing.assert_array_equal(used[held], np.sum(pos[held] >= 0, axis=-1))
     held_LBKM = table >= 0
-    # freed slots are reused: a head holds exactly the pages its kept tokens fill
-    np.testing.assert_array_equal(held_LBKM.sum(-1), -(-np.asarray(state["count"]) // pos.shape[1]))
+    np.testing.assert_array_equal(held_LBKM.sum(-1), -(-np.asarray(state["count"]) // N))
     assert (np.sort(held_LBKM, axis=-1)[..., ::-1] == held_LBKM).all()  # held pages first in each table row
-    np.testing.assert_array_equal(np.asarray(state["count"]), [[[len(p) for p in row] for row in layer]
-                                                               for layer in _held_positions(state)])
+    assert all(p >= 0 for layer in _held_positions(state) for row in layer for head in row for p in head)
 
 
-@pytest.mark.parametrize("kv_heads,window,page_size,growth,threshold", [
-    (1, 0, 4, 2 ** 0.5, 0.0),
-    (2, 3, 2, 0.0, 0.3),
+@pytest.mark.parametrize("kv_heads,window,page_size,growth,threshold,kernels", [
+    (1, 0, 4, 2 ** 0.5, 0.0, "xla"),
+    (2, 3, 2, 0.0, 0.3, "xla"),
+    (2, 5, 4, 2 ** 0.5, 0.0, "pallas"),  # the paged DMC cache's Pallas kernel (interpret mode off the GPU)
 ])
-def test_paged_equals_dms_with_an_unbounded_buffer(kv_heads, window, page_size, growth, threshold):
+def test_paged_equals_dms_with_an_unbounded_buffer(kv_heads, window, page_size, growth, threshold, kernels):
     cfg = tiny_config(num_kv_heads=kv_heads, num_heads=4)
     params = init_params(cfg, jax.random.PRNGKey(kv_heads))
     dms, steps = _dms(window), 12
@@ -78,7 +77,7 @@ def test_paged_equals_dms_with_an_unbounded_buffer(kv_heads, window, page_size, 
     lengths_B = jnp.array([9, 1, 14])  # ragged, one prompt of a single token
     unbounded = DMSCache(dms, threshold=threshold)  # capacity 0, no target CR: max_tokens slots
     want, state_a = _cached_logits(cfg, params, unbounded, tokens_BT, lengths_B, steps)
-    method = DMSPagedCache(dms, page_size=page_size, attend_growth=growth, threshold=threshold)
+    method = DMSPagedCache(dms, page_size=page_size, attend_growth=growth, threshold=threshold, kernels=kernels)
     got, state_b = _cached_logits(cfg, params, method, tokens_BT, lengths_B, steps)
     for a, b in zip(want, got):
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
@@ -148,7 +147,7 @@ def test_unbalanced_heads_share_a_pool_sized_for_the_average_cr():
     _check_accounting(state)
     # The bytes: the whole state, about DMSCache's at the same target CR (one pool instead of equal buffers).
     assert stats["bytes_allocated"] == state_bytes(state)
-    assert stats["bytes_pool"] == 32 * N * (2 * cfg.head_dim * 4 + 4 + 1)  # k, v (fp32), position, mark
+    assert stats["bytes_pool"] == 32 * N * (2 * cfg.head_dim * 4 + 4)  # k, v (fp32), position
     assert state_bytes(state) <= 1.1 * state_bytes(state_fixed)
     # A finished row gives every page back.
     freed = jax.jit(method.free_rows)(state, jnp.array([True]))
@@ -169,6 +168,11 @@ def test_an_exhausted_pool_is_a_one_line_error_or_counted_with_evict():
     _, state, _ = _unbalanced_run(evict)
     evict.check(state)  # allowed, and counted: every token that found no page pushed an older one out
     assert int(np.asarray(state["overflow"]).sum()) == int(state["refused"][0]) > 0
+    held = _held_positions(state)
+    for head in held[0][0]:  # layer 0 marks nothing: a full head gave up its oldest tokens (DMSCache's rule)
+        assert head == list(range(48 - len(head), 48))
+    assert sum(len(head) for head in held[0][0]) == 22 * N - 2 * 4  # the pool's slots, but layer 1's page each
+    assert held[1][0] == [[44, 45, 46, 47]] * 2
     stats = evict.stats(state, jnp.array([48]))
     assert int(np.asarray(stats["overflow_LBK"]).sum()) > 0 and int(stats["pages_free"]) == 0
     _check_accounting(state)
@@ -177,7 +181,7 @@ def test_an_exhausted_pool_is_a_one_line_error_or_counted_with_evict():
     with pytest.raises(UserError, match=r"^DMS paged cache out of pages for a new sequence: layer 0, KV head 1"):
         tiny.check(state)
     for bad in (dict(on_overflow="merge"), dict(page_size=0), dict(attend_growth=1.0), dict(pages=-1),
-                dict(target_cr=0.5), dict(threshold=float("inf"))):
+                dict(target_cr=0.5), dict(threshold=float("inf")), dict(kernels="cuda")):
         with pytest.raises(UserError, match="cache.dms_paged."):
             DMSPagedCache(dms, **bad)
 

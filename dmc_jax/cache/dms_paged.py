@@ -6,34 +6,32 @@ keeps most tokens, deep layers a few percent): at a buffer sized for the average
 others waste their reserve. Here a head holds only the pages its tokens fill. The decisions, the delayed eviction
 and therefore the tokens kept are DMSCache's with an unbounded buffer; only where a token lives differs.
 
-Memory, per head: a token goes into a free slot of a page the head holds (the slot of a token that left is reused
-by the head's next token); a new page is taken from the pool only when every page the head holds is full. A DMS
-decode step adds one token to a head and removes at most one (the token whose delay is over), so what a head keeps
-never shrinks within a sequence and, with its free slots always reused, it holds exactly ceil(kept / N) pages: the
-pool's pages in use are the heads' kept tokens, each head rounded up to a page. A row's pages go back to the pool
-when it is freed (free_rows) or prefilled again. A head's pages sit at the front of its block-table row, so
-attention gathers only a prefix of the table (bucketed widths as in the paged DMC cache,
-paged_attention.bucket_widths).
+Memory, per head: its tokens fill logical slots 0 .. count - 1, slot s at row s % N of page table[s // N]. A
+token that leaves frees its slot and the head's next token takes that slot; otherwise the next token takes slot
+count, and a new page comes from the pool only when that slot opens one. A DMS decode step adds one token to a head
+and removes at most one (the token whose delay is over), so what a head keeps never shrinks within a sequence, its
+slots stay contiguous and it holds exactly ceil(kept / N) pages: the pool's pages in use are the heads' kept tokens,
+each head rounded up to a page. A row's pages go back to the pool when it is freed (free_rows) or prefilled again.
+Contiguous slots make decode attention the paged DMC cache's, over the first `count` slots of each head (the
+bucketed XLA path of paged_attention.py, or the Pallas kernel on GPU).
 
 State:
     pool_k, pool_v  [P, N, Dh]     the page pool (keys after RoPE, values), shared by all layers and heads
-    pool_pos        [P, N]         position of the token in each pool slot, -1 = free (valid while the page is held)
-    pool_marked     [P, N]         the token was marked by its successor's decision: it leaves w tokens later
-    used            [P]            tokens in each page
+    pool_pos        [P, N]         position of the token in each pool slot (valid below its head's count)
     free, top       [P], []        a stack of free page ids: free[:top] are free, pops take from the top
     refused         [2]            page requests the pool refused, cumulative: [decode, prefill]
-    table           [L, B, K, M]   block table: the pages a head holds, in its first entries; -1 = none
-    count           [L, B, K]      tokens the head holds
-    recent          [L, B, K, R]   pool slot (page * N + row) of the head's token at position p, at p % R, for its
-                                   last R = min(w + 1, max_tokens) tokens: the one a decision marks (t - 1) and the one that may
-                                   leave (t - 1 - w) are found without a search; -1 = none
-    overflow        [L, B, K]      decode tokens that found no free slot and no page (see below; never silent)
+    table           [L, B, K, M]   block table: the pages a head holds, -1 = none
+    count           [L, B, K]      tokens the head holds (its slots in use)
+    recent          [L, B, K, R]   the head's last R = min(w + 1, max_tokens) tokens: at p % R, 2 * slot + marked of
+                                   the token at position p (-1 = none), so the token a decision marks (t - 1) and
+                                   the one that may leave (t - 1 - w) are found without a search
+    overflow        [L, B, K]      decode tokens that found no slot and no page (see below; never silent)
     lost            [L, B, K]      tokens a prompt (or a row's first token) found no page for (always an error)
 
 Decode, token t, per head: the decision of t marks t - 1; the token at t - 1 - w leaves if it was marked (delayed
-eviction: at most one token leaves per step); t takes a slot (rules above). An exhausted pool is never silent: the
-head's token closest to leaving (else its oldest, DMSCache's rule for a full buffer) gives its slot to t, `overflow`
-and `refused` count it, and `check` raises a one-line UserError unless on_overflow='evict'. Prefill runs DMS's hard
+eviction: at most one token leaves per step); t takes a slot (above). An exhausted pool is never silent: the head's
+token closest to leaving (else its oldest: DMSCache's rule for a full buffer) gives its slot to t, `overflow` and
+`refused` count it, and `check` raises a one-line UserError unless on_overflow='evict'. Prefill runs DMS's hard
 parallel form (dms_core) and stores what a token-by-token pass holds after the last prompt token, in position order.
 
 Pool size: `pages`, else every head's share of DMSCache's buffer at target_cr x margin, pooled:
@@ -41,7 +39,8 @@ P = ceil(L * B * K * C / N) with C = dms.capacity_for(max_tokens, w, 0, target_c
 no-compression worst case L * B * K * ceil(max_tokens / N). The bytes follow the budget; the heads share it unevenly.
 
 Shape letters: L layers, B batch, K KV heads, P pool pages, N page size, M block-table width (pages per head),
-R recent tokens per head, T prompt time, H query heads, Dh head dim, X flattened heads (B * K).
+R recent tokens per head, S slots per head (M * N), T prompt time, H query heads, Dh head dim, X flattened heads
+(B * K).
 """
 
 from __future__ import annotations
@@ -53,21 +52,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmc_jax import kernels as dispatch
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_paged import _pop as pop_pages, _push as push_pages  # the paged DMC cache's allocator
 from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, capacity_for
 from dmc_jax.cache.overflow import check_sizing
-from dmc_jax.cache.paged_attention import bucket_widths, gather_pages
+from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dms.attention import dms_core
 from dmc_jax.dms.config import DMSConfig, from_section
 from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
 from dmc_jax.errors import UserError
-from dmc_jax.model.attention import decode_attention
 from dmc_jax.model.config import ModelConfig
 
-POOL_KEYS = ("pool_k", "pool_v", "pool_pos", "pool_marked", "used", "free", "top", "refused")
-PAGE_KEYS = ("pool_k", "pool_v", "pool_pos", "pool_marked")  # per-page storage (bytes of one page)
+POOL_KEYS = ("pool_k", "pool_v", "pool_pos", "free", "top", "refused")  # shared by all rows
+PAGE_KEYS = ("pool_k", "pool_v", "pool_pos")  # one page's storage
 
 
 def _write(state: dict, layer, values: dict) -> dict:
@@ -78,9 +77,9 @@ def _write(state: dict, layer, values: dict) -> dict:
     return new
 
 
-def _in_pool(addr, P: int, N: int, ok):
-    """(page, row) of pool slots addr where ok, else page P (out of range: a scatter drops it)."""
-    return jnp.where(ok, addr // N, P), jnp.where(ok, addr % N, 0)
+def _at(x_BKR, i_BK):
+    """x_BKR[b, k, i_BK[b, k]] (i_BK broadcast to [B, K], e.g. one index per row [B, 1])."""
+    return jnp.take_along_axis(x_BKR, jnp.broadcast_to(i_BK, x_BKR.shape[:2])[..., None], axis=-1)[..., 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +95,8 @@ class DMSPagedCache(RowOps):
     margin: float = 1.25
     on_overflow: str = "error"
     threshold: float = 0.0           # cache.dms.threshold's meaning: mark where the decision logit exceeds it
-    attend_growth: float = 2 ** 0.5  # ratio of the gathered table widths (paged_attention.py); 0 = the whole table
+    attend_growth: float = 2 ** 0.5  # XLA attention: ratio of the gathered table widths (paged_attention.py); 0 = all
+    kernels: str = "auto"            # 'auto': the Pallas kernel on GPU, XLA elsewhere; 'pallas' | 'xla'
     name: str = "dms_paged"
 
     def __post_init__(self):
@@ -106,6 +106,9 @@ class DMSPagedCache(RowOps):
         if self.attend_growth and self.attend_growth <= 1:
             raise UserError(f"cache.dms_paged.attend_growth must be > 1 (or 0: gather the whole table); "
                             f"got {self.attend_growth}")
+        if self.kernels not in dispatch.KERNELS:
+            raise UserError(f"cache.dms_paged.kernels must be one of {', '.join(dispatch.KERNELS)}; "
+                            f"got {self.kernels!r}")
         if not math.isfinite(self.threshold):
             raise UserError(f"cache.dms_paged.threshold must be a finite number; got {self.threshold}")
 
@@ -132,8 +135,7 @@ class DMSPagedCache(RowOps):
         P, M = self.pool_pages(cfg, batch, max_tokens), math.ceil(max_tokens / N)
         R = min(self.dms.window + 1, max_tokens)
         return {"pool_k": jnp.zeros((P, N, Dh), cfg.dtype), "pool_v": jnp.zeros((P, N, Dh), cfg.dtype),
-                "pool_pos": jnp.full((P, N), -1, jnp.int32), "pool_marked": jnp.zeros((P, N), bool),
-                "used": jnp.zeros((P,), jnp.int32),
+                "pool_pos": jnp.full((P, N), -1, jnp.int32),
                 "free": jnp.arange(P - 1, -1, -1, dtype=jnp.int32),  # pops hand out pages 0, 1, 2, ...
                 "top": jnp.int32(P), "refused": jnp.zeros((2,), jnp.int32),
                 "table": jnp.full((L, batch, K, M), -1, jnp.int32), "count": jnp.zeros((L, batch, K), jnp.int32),
@@ -146,24 +148,12 @@ class DMSPagedCache(RowOps):
         free_P, top = push_pages(state["free"], state["top"], pages_X)
         return super().free_rows(dict(state, free=free_P, top=top), done_B)
 
-    # ----------------------------------------------------------------------------------------------- attend
-    def _attend(self, q_BHD, state, table_BKM, held_BK):
-        """Decode attention over the slots in use of each head's pages (a prefix of its table row)."""
-        M = table_BKM.shape[2]
-        P, N = state["pool_pos"].shape
-
-        def attend(width, q_BHD, table_BKM):
-            t_BKW = table_BKM[:, :, :width]
-            k_BKSD, v_BKSD = gather_pages(state["pool_k"], t_BKW), gather_pages(state["pool_v"], t_BKW)
-            pos_BKWN = state["pool_pos"][jnp.clip(t_BKW, 0, P - 1)]
-            valid_BKS = ((t_BKW >= 0)[..., None] & (pos_BKWN >= 0)).reshape(k_BKSD.shape[:3])
-            return decode_attention(q_BHD, k_BKSD, v_BKSD, valid_BKS)
-
+    def _attend(self, q_BHD, pool_k_PND, pool_v_PND, table_BKM, count_BK):
+        if dispatch.use_pallas(self.kernels):
+            return dispatch.paged_decode_attention(q_BHD, pool_k_PND, pool_v_PND, table_BKM, count_BK, self.kernels)
         if not self.attend_growth:
-            return attend(M, q_BHD, table_BKM)
-        widths = bucket_widths(M, N, self.attend_growth)
-        branch = jnp.sum(jnp.asarray(widths[1:], jnp.int32) >= jnp.max(held_BK))  # the narrowest wide enough
-        return jax.lax.switch(branch, [lambda q, t, w=w: attend(w, q, t) for w in widths], q_BHD, table_BKM)
+            return paged_decode_attention(q_BHD, pool_k_PND, pool_v_PND, table_BKM, count_BK)
+        return paged_decode_attention_bucketed(q_BHD, pool_k_PND, pool_v_PND, table_BKM, count_BK, self.attend_growth)
 
     # ----------------------------------------------------------------------------------------------- decode
     def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn):
@@ -177,81 +167,67 @@ class DMSPagedCache(RowOps):
         table_BKM, count_BK, recent_BKR = state["table"][layer], state["count"][layer], state["recent"][layer]
         M, R = table_BKM.shape[2], recent_BKR.shape[2]
         P, N = state["pool_pos"].shape
-        pos_PN, marked_PN, used_P = state["pool_pos"], state["pool_marked"], state["used"]
         b_BK, k_BK = jnp.meshgrid(jnp.arange(B), jnp.arange(K), indexing="ij")
         t_B1 = positions_B[:, None]
+        r_11R = jnp.arange(R)[None, None]
         idle_BK = (count_BK == 0) & (t_B1 > 0)  # a freed row decoding a pad token: takes nothing, writes nothing
-        at_pos = lambda addr_BK, ok_BK: _in_pool(addr_BK, P, N, ok_BK & (addr_BK >= 0))
-        read = lambda x_PN, addr_BK: x_PN[jnp.clip(addr_BK // N, 0, P - 1), addr_BK % N]
-        recent_at = lambda p_B1: jnp.take_along_axis(recent_BKR, jnp.broadcast_to(p_B1 % R, (B, K))[..., None],
-                                                     axis=-1)[..., 0]
-        # 1. The decision of t marks t - 1.
-        prev_BK = recent_at(t_B1 - 1)
-        mark_BK = (a_B1K[:, 0] > 0) & (t_B1 > 0) & ~idle_BK & (prev_BK >= 0) & (read(pos_PN, prev_BK) == t_B1 - 1)
-        marked_PN = marked_PN.at[at_pos(prev_BK, mark_BK)].set(True, mode="drop")
-        # 2. The token at t - 1 - w leaves if it was marked: its slot is free for t.
-        old_BK = recent_at(t_B1 - 1 - w)
-        gone_BK = (t_B1 - 1 - w >= 0) & ~idle_BK & (old_BK >= 0) & (read(pos_PN, old_BK) == t_B1 - 1 - w)
-        gone_BK &= read(marked_PN, old_BK)
-        pos_PN = pos_PN.at[at_pos(old_BK, gone_BK)].set(-1, mode="drop")
-        used_P = used_P.at[jnp.where(gone_BK, old_BK // N, P)].add(-1, mode="drop")
-        # 3. A slot for t: a free slot of a page the head holds, else a new page, else (pool exhausted) a victim.
-        held_BKM = table_BKM >= 0
-        held_BK = jnp.sum(held_BKM, axis=-1, dtype=jnp.int32)
-        used_BKM = jnp.where(held_BKM, used_P[jnp.clip(table_BKM, 0, P - 1)], N)
-        room_BK = jnp.any(used_BKM < N, axis=-1)
-        fit_page_BK = table_BKM[b_BK, k_BK, jnp.argmax(used_BKM < N, axis=-1)]
-        fit_row_BK = jnp.argmax(pos_PN[jnp.clip(fit_page_BK, 0, P - 1)] < 0, axis=-1)
-        need_BK = ~idle_BK & ~room_BK & (held_BK < M)
-        new_page_BK, top = pop_pages(state["free"], state["top"], need_BK.reshape(-1).astype(jnp.int32), 1)
+        page_of = lambda slot_BK: table_BKM[b_BK, k_BK, jnp.clip(slot_BK // N, 0, M - 1)]
+        # 1. The decision of t marks t - 1 (its entry in `recent` gets the mark bit).
+        mark_BK = (a_B1K[:, 0] > 0) & (t_B1 > 0) & (_at(recent_BKR, (t_B1 - 1) % R) >= 0)
+        recent_BKR |= ((r_11R == ((t_B1 - 1) % R)[..., None]) & mark_BK[..., None]).astype(jnp.int32)
+        # 2. The token at t - 1 - w leaves if it was marked (and still holds its slot: not pushed out early).
+        old_BK = _at(recent_BKR, (t_B1 - 1 - w) % R)
+        old_slot_BK = old_BK // 2
+        gone_BK = (t_B1 - 1 - w >= 0) & (old_BK >= 0) & (old_BK % 2 == 1)
+        gone_BK &= state["pool_pos"][jnp.clip(page_of(old_slot_BK), 0, P - 1), old_slot_BK % N] == t_B1 - 1 - w
+        # 3. Token t takes the slot that was freed, else slot `count` (a new page when it opens one), else (pool
+        # exhausted) a victim's.
+        slot_BK = jnp.where(gone_BK, old_slot_BK, count_BK)
+        need_BK = ~idle_BK & ~gone_BK & ((slot_BK >= M * N) | (page_of(slot_BK) < 0))
+        new_page_BK, top = pop_pages(state["free"], state["top"],
+                                     (need_BK & (slot_BK < M * N)).reshape(-1).astype(jnp.int32), 1)
         new_page_BK = new_page_BK.reshape(B, K)
-        got_BK = need_BK & (new_page_BK >= 0)
-        short_BK = ~idle_BK & ~room_BK & ~got_BK
-        victim_BK = jax.lax.cond(jnp.any(short_BK), lambda: self._victims(pos_PN, marked_PN, table_BKM),
+        short_BK = need_BK & (new_page_BK < 0)
+        opens_BKM = (jnp.arange(M)[None, None] == (slot_BK // N)[..., None]) & (need_BK & ~short_BK)[..., None]
+        table_BKM = jnp.where(opens_BKM, new_page_BK[..., None], table_BKM)
+        victim_BK = jax.lax.cond(jnp.any(short_BK),
+                                 lambda: self._victims(state["pool_pos"], table_BKM, count_BK, recent_BKR, t_B1),
                                  lambda: jnp.full((B, K), -1, jnp.int32))
-        addr_BK = jnp.where(room_BK, fit_page_BK * N + fit_row_BK,
-                            jnp.where(got_BK, new_page_BK * N, jnp.where(short_BK, victim_BK, -1)))
-        write_BK = ~idle_BK & (addr_BK >= 0)
-        added_BK = write_BK & ~short_BK  # a victim's slot changes hands: the head holds as many tokens as before
-        first_BK = jnp.broadcast_to(t_B1 == 0, (B, K))
-        # A page taken from the pool starts empty (its previous owner's positions are stale).
-        new_at_BK = jnp.where(got_BK, new_page_BK, P)
-        pos_PN = pos_PN.at[new_at_BK].set(-1, mode="drop")
-        used_P = used_P.at[new_at_BK].set(0, mode="drop")
-        table_BKM = table_BKM.at[b_BK, k_BK, jnp.where(got_BK, held_BK, M)].set(new_page_BK, mode="drop")
-        held_BK = held_BK + got_BK.astype(jnp.int32)
-        page_BK, row_BK = at_pos(addr_BK, write_BK)
-        pos_PN = pos_PN.at[page_BK, row_BK].set(jnp.broadcast_to(t_B1, (B, K)), mode="drop")
-        marked_PN = marked_PN.at[page_BK, row_BK].set(False, mode="drop")
-        used_P = used_P.at[jnp.where(added_BK, page_BK, P)].add(1, mode="drop")
+        slot_BK = jnp.where(short_BK, victim_BK, slot_BK)
+        write_BK = ~idle_BK & (slot_BK >= 0)
+        page_BK = jnp.where(write_BK, page_of(slot_BK), P)  # P: out of range, dropped
+        row_BK = slot_BK % N
         pool_k = state["pool_k"].at[page_BK, row_BK].set(k_BKD.astype(state["pool_k"].dtype), mode="drop")
         pool_v = state["pool_v"].at[page_BK, row_BK].set(v_BKD.astype(state["pool_v"].dtype), mode="drop")
-        slot_R = jnp.broadcast_to(t_B1 % R, (B, K))
-        recent_BKR = recent_BKR.at[b_BK, k_BK, jnp.where(idle_BK, R, slot_R)].set(
-            jnp.where(write_BK, addr_BK, -1), mode="drop")
-        lost_BK = short_BK & ~write_BK & first_BK
-        state = dict(state, pool_k=pool_k, pool_v=pool_v, pool_pos=pos_PN, pool_marked=marked_PN, used=used_P,
-                     top=top, refused=state["refused"].at[0].add(jnp.sum(short_BK, dtype=jnp.int32)))
+        pool_pos = state["pool_pos"].at[page_BK, row_BK].set(jnp.broadcast_to(t_B1, (B, K)), mode="drop")
+        recent_BKR = jnp.where((r_11R == (t_B1 % R)[..., None]) & ~idle_BK[..., None],
+                               jnp.where(write_BK, 2 * slot_BK, -1)[..., None], recent_BKR)
+        count_BK = count_BK + (write_BK & ~gone_BK & ~short_BK).astype(jnp.int32)
+        lost_BK = short_BK & (t_B1 == 0)
+        state = dict(state, pool_k=pool_k, pool_v=pool_v, pool_pos=pool_pos, top=top,
+                     refused=state["refused"].at[0].add(jnp.sum(short_BK, dtype=jnp.int32)))
         state = _write(state, layer, {
-            "table": table_BKM, "recent": recent_BKR,
-            "count": count_BK - gone_BK.astype(jnp.int32) + added_BK.astype(jnp.int32),
+            "table": table_BKM, "count": count_BK, "recent": recent_BKR,
             "overflow": state["overflow"][layer] + (short_BK & ~lost_BK).astype(jnp.int32),
             "lost": state["lost"][layer] + lost_BK.astype(jnp.int32)})
-        return self._attend(q_BHD, state, table_BKM, held_BK), state
+        return self._attend(q_BHD, pool_k, pool_v, table_BKM, count_BK), state
 
-    def _victims(self, pos_PN, marked_PN, table_BKM):
-        """[B, K] pool slot of each head's token closest to leaving, else its oldest (DMSCache's rule); -1 = none."""
+    def _victims(self, pos_PN, table_BKM, count_BK, recent_BKR, t_B1):
+        """[B, K] slot of each head's marked token closest to leaving, else of its oldest token (DMSCache's rule for a
+        full buffer); -1 for a head without tokens."""
         P, N = pos_PN.shape
-        w = self.dms.window
-        t_BKM = jnp.clip(table_BKM, 0, P - 1)
-        pos_BKS = pos_PN[t_BKM].reshape(table_BKM.shape[:2] + (-1,))
-        marked_BKS = marked_PN[t_BKM].reshape(pos_BKS.shape)
-        valid_BKS = jnp.repeat(table_BKM >= 0, N, axis=-1) & (pos_BKS >= 0)
-        S = pos_BKS.shape[-1]
-        score_BKS = jnp.where(valid_BKS, jnp.where(marked_BKS, pos_BKS + 1 + w, NEVER - S + pos_BKS), NEVER)
-        s_BK = jnp.argmin(score_BKS, axis=-1)
-        page_BK = jnp.take_along_axis(table_BKM, (s_BK // N)[..., None], axis=-1)[..., 0]
-        return jnp.where(jnp.any(valid_BKS, axis=-1), page_BK * N + s_BK % N, -1).astype(jnp.int32)
+        R = recent_BKR.shape[-1]
+        pos_BKS = pos_PN[jnp.clip(table_BKM, 0, P - 1)].reshape(table_BKM.shape[:2] + (-1,))
+        in_use_BKS = jnp.arange(pos_BKS.shape[-1])[None, None] < count_BK[..., None]
+        oldest_BK = jnp.argmin(jnp.where(in_use_BKS, pos_BKS, NEVER), axis=-1)
+        # recent entry r holds position p = the latest p <= t - 1 with p % R == r; it is marked and still in its slot
+        p_BKR = jnp.broadcast_to(t_B1[..., None] - 1 - (t_B1[..., None] - 1 - jnp.arange(R)) % R, recent_BKR.shape)
+        slot_BKR = recent_BKR // 2
+        marked_BKR = (recent_BKR >= 0) & (recent_BKR % 2 == 1) & (p_BKR >= 0)
+        marked_BKR &= jnp.take_along_axis(pos_BKS, jnp.clip(slot_BKR, 0, pos_BKS.shape[-1] - 1), axis=-1) == p_BKR
+        leaves_first_BK = _at(slot_BKR, jnp.argmin(jnp.where(marked_BKR, p_BKR, NEVER), axis=-1))
+        victim_BK = jnp.where(jnp.any(marked_BKR, axis=-1), leaves_first_BK, oldest_BK)
+        return jnp.where(count_BK > 0, victim_BK, -1).astype(jnp.int32)
 
     # ---------------------------------------------------------------------------------------------- prefill
     def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn):
@@ -280,30 +256,25 @@ class DMSPagedCache(RowOps):
         pages_XM, top = pop_pages(free_P, top, need_BK.reshape(-1), M)
         table_BKM = pages_XM.reshape(B, K, M)
         stored_BK = jnp.minimum(count_BK, jnp.sum(table_BKM >= 0, axis=-1) * N)
-        rank_BKT = jnp.cumsum(kept_BKT, axis=-1, dtype=jnp.int32) - 1
-        store_BKT = kept_BKT & (rank_BKT < stored_BK[..., None])
-        b_BKT = jnp.broadcast_to(jnp.arange(B)[:, None, None], rank_BKT.shape)
-        k_BKT = jnp.broadcast_to(jnp.arange(K)[None, :, None], rank_BKT.shape)
-        page_BKT = jnp.where(store_BKT, table_BKM[b_BKT, k_BKT, jnp.clip(rank_BKT // N, 0, M - 1)], P)
-        row_BKT = jnp.maximum(rank_BKT, 0) % N
-        taken_BKM = jnp.where(table_BKM >= 0, table_BKM, P)
-        m_M = jnp.arange(M, dtype=jnp.int32)
-        pos_PN = state["pool_pos"].at[taken_BKM].set(-1, mode="drop")  # pages start empty
-        pos_PN = pos_PN.at[page_BKT, row_BKT].set(jnp.broadcast_to(t_11T, rank_BKT.shape), mode="drop")
-        marked_PN = state["pool_marked"].at[taken_BKM].set(False, mode="drop")
-        marked_PN = marked_PN.at[page_BKT, row_BKT].set(marked_BKT, mode="drop")
-        used_P = state["used"].at[taken_BKM].set(jnp.clip(stored_BK[..., None] - m_M * N, 0, N), mode="drop")
+        # Kept token j takes slot rank(j): its order among the kept tokens.
+        slot_BKT = jnp.cumsum(kept_BKT, axis=-1, dtype=jnp.int32) - 1
+        store_BKT = kept_BKT & (slot_BKT < stored_BK[..., None])
+        b_BKT = jnp.broadcast_to(jnp.arange(B)[:, None, None], slot_BKT.shape)
+        k_BKT = jnp.broadcast_to(jnp.arange(K)[None, :, None], slot_BKT.shape)
+        page_BKT = jnp.where(store_BKT, table_BKM[b_BKT, k_BKT, jnp.clip(slot_BKT // N, 0, M - 1)], P)
+        row_BKT = jnp.maximum(slot_BKT, 0) % N
         k_BKTD = jnp.swapaxes(rope(k_BTKD, positions_BT), 1, 2)
         pool_k = state["pool_k"].at[page_BKT, row_BKT].set(k_BKTD.astype(state["pool_k"].dtype), mode="drop")
         pool_v = state["pool_v"].at[page_BKT, row_BKT].set(jnp.swapaxes(v_BTKD, 1, 2).astype(state["pool_v"].dtype),
                                                            mode="drop")
-        # The last R tokens' pool slots, at position % R (the next decode step marks L - 1 and may free L - 1 - w).
+        pool_pos = state["pool_pos"].at[page_BKT, row_BKT].set(jnp.broadcast_to(t_11T, slot_BKT.shape), mode="drop")
+        # The last R tokens at position % R (the next decode step marks L - 1 and may free L - 1 - w).
         recent_at_BKT = jnp.where(store_BKT & (t_11T >= L_B11 - R), t_11T % R, R)
         recent_BKR = jnp.full((B, K, R), -1, jnp.int32).at[b_BKT, k_BKT, recent_at_BKT].set(
-            page_BKT * N + row_BKT, mode="drop")
+            2 * slot_BKT + marked_BKT.astype(jnp.int32), mode="drop")
         refused = jnp.sum(need_BK, dtype=jnp.int32) - jnp.sum(table_BKM >= 0, dtype=jnp.int32)
-        state = dict(state, pool_k=pool_k, pool_v=pool_v, pool_pos=pos_PN, pool_marked=marked_PN, used=used_P,
-                     free=free_P, top=top, refused=state["refused"].at[1].add(refused))
+        state = dict(state, pool_k=pool_k, pool_v=pool_v, pool_pos=pool_pos, free=free_P, top=top,
+                     refused=state["refused"].at[1].add(refused))
         new = {"table": table_BKM, "count": stored_BK, "recent": recent_BKR, "overflow": jnp.zeros_like(count_BK),
                "lost": count_BK - stored_BK}
         return out_BTHD, _write(state, layer, new)
@@ -313,7 +284,7 @@ class DMSPagedCache(RowOps):
         P, N = state["pool_pos"].shape
         L, B, K = state["count"].shape
         per_page = sum(state[n].size * state[n].dtype.itemsize for n in PAGE_KEYS) // P
-        table_bytes = sum(state[n].size * state[n].dtype.itemsize for n in ("table", "recent", "count", "free", "used"))
+        table_bytes = sum(state[n].size * state[n].dtype.itemsize for n in ("table", "recent", "count", "free"))
         kept_LBK = state["count"].astype(jnp.float32)
         tokens_B = jnp.asarray(tokens_B)
         seen_LBK = jnp.broadcast_to(tokens_B[None, :, None], (L, B, K)).astype(jnp.float32)
@@ -343,7 +314,7 @@ class DMSPagedCache(RowOps):
             if overflow_LBK.any():
                 l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
                 where = f"layer {l}, KV head {k} (sequence {b})"
-            raise UserError(f"DMS paged cache overflow: {where} found no free slot and no free page "
+            raise UserError(f"DMS paged cache overflow: {where} found no slot and no free page "
                             f"({int(refused[0])} tokens forced out early in all); {pool}; {fix}, or set "
                             f"cache.dms_paged.on_overflow='evict'")
 
@@ -351,8 +322,9 @@ class DMSPagedCache(RowOps):
 registry.register(registry.MethodSpec(
     name="dms_paged", trained=TRAINED, sized_by_cr=True,
     defaults={"page_size": 16, "pages": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error",
-              "threshold": 0.0, "attend_growth": 1.4142},
+              "threshold": 0.0, "attend_growth": 1.4142, "kernels": "auto"},
     build=lambda s, hparams: DMSPagedCache(from_section(hparams), page_size=s.page_size, pages=s.pages,
                                            target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow,
-                                           threshold=float(s.threshold), attend_growth=s.attend_growth),
+                                           threshold=float(s.threshold), attend_growth=s.attend_growth,
+                                           kernels=s.kernels),
     summary="DMS over a shared pool of pages: each head holds what it keeps (serving)"))
