@@ -266,6 +266,10 @@ def test_adapter_cache_equals_parallel_form_and_token_by_token(window):
     prefilled, state = _cached_logits(cfg, params, method, tokens_BT, lengths_B, 5)
     stepwise, _ = _cached_logits(cfg, params, method, tokens_BT, jnp.array([1, 1]), 18)
     assert not np.asarray(state["overflow"]).any() and not np.asarray(state["lost"]).any()
+    from dmc_jax.cache.dms_paged import DMSPagedCache
+
+    paged, _ = _cached_logits(cfg, params, DMSPagedCache(dms), tokens_BT, lengths_B, 5)  # the paged cache too
+    np.testing.assert_allclose(np.stack(paged), np.stack(prefilled), atol=1e-5, rtol=1e-5)
     for i, logits_BV in enumerate(prefilled):
         np.testing.assert_allclose(logits_BV, parallel_BTV[jnp.arange(2), lengths_B - 1 + i], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(logits_BV[0], stepwise[13 + i][0], atol=1e-4, rtol=1e-4)

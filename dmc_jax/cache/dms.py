@@ -106,7 +106,7 @@ class DMSCache(RowOps):
         a_B1K, q_B1HD = self._decision(q_BHD[:, None], K, dms, adapter_BTK)  # adapter_BTK: [B, 1, K]
         mark_BK = (a_B1K[:, 0] > 0) & (positions_B > 0)[:, None]  # the previous token leaves after the window
         q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
-        if dms.zero_after_rope and dms.decision == "q_channel":
+        if dms.zeroes_q_after_rope:
             q_BHD = zero_decision_heads(q_BHD[:, None], K, dms.channel(Dh))[:, 0]
         k_BKD = rope(k_BKD[:, None], positions_B[:, None])[:, 0]
         pos_BKC, evict_BKC, last_BK = state["pos"][layer], state["evict_at"][layer], state["last"][layer]

@@ -112,9 +112,11 @@ class DMSPagedCache(RowOps):
         if not math.isfinite(self.threshold):
             raise UserError(f"cache.dms_paged.threshold must be a finite number; got {self.threshold}")
 
-    def _decision(self, q_BTHD, K: int, dms: DMSConfig):
+    reads_adapter = True  # llama.py passes a DMS adapter's logits (adapter_BTK; T = 1 at decode) when there is one
+
+    def _decision(self, q_BTHD, K: int, dms: DMSConfig, adapter_BTK=None):
         """read_decision with the serving threshold: a token is marked when its logit exceeds `threshold`."""
-        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms)
+        a_BTK, q_BTHD = read_decision(q_BTHD, K, dms, adapter_BTK)
         return a_BTK - self.threshold, q_BTHD
 
     # ------------------------------------------------------------------------------------------------ state
@@ -156,12 +158,12 @@ class DMSPagedCache(RowOps):
         return paged_decode_attention_bucketed(q_BHD, pool_k_PND, pool_v_PND, table_BKM, count_BK, self.attend_growth)
 
     # ----------------------------------------------------------------------------------------------- decode
-    def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn):
+    def decode(self, state, layer, q_BHD, k_BKD, v_BKD, positions_B, rope: RopeFn, adapter_BTK=None):
         B, K, Dh = k_BKD.shape
         dms, w = self.dms.replace(mode="hard"), self.dms.window
-        a_B1K, q_B1HD = self._decision(q_BHD[:, None], K, dms)
+        a_B1K, q_B1HD = self._decision(q_BHD[:, None], K, dms, adapter_BTK)
         q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
-        if dms.zero_after_rope:
+        if dms.zeroes_q_after_rope:
             q_BHD = zero_decision_heads(q_BHD[:, None], K, dms.channel(Dh))[:, 0]
         k_BKD = rope(k_BKD[:, None], positions_B[:, None])[:, 0]
         table_BKM, count_BK, recent_BKR = state["table"][layer], state["count"][layer], state["recent"][layer]
@@ -230,12 +232,12 @@ class DMSPagedCache(RowOps):
         return jnp.where(count_BK > 0, victim_BK, -1).astype(jnp.int32)
 
     # ---------------------------------------------------------------------------------------------- prefill
-    def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn):
+    def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter_BTK=None):
         B, T, _, Dh = q_BTHD.shape
         K = k_BTKD.shape[2]
         dms, w = self.dms.replace(mode="hard"), self.dms.window
         t_T = jnp.arange(T, dtype=jnp.int32)
-        a_BTK, q_BTHD = self._decision(q_BTHD, K, dms)
+        a_BTK, q_BTHD = self._decision(q_BTHD, K, dms, adapter_BTK)
         alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
         alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
         positions_BT = jnp.broadcast_to(t_T, (B, T))

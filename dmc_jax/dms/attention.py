@@ -23,7 +23,7 @@ def dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, positions_BT, segment_ids
     B, T, _, Dh = q_BTHD.shape
     K = k_BTKD.shape[2]
     q_BTHD, k_BTKD = rope(q_BTHD, positions_BT), rope(k_BTKD, positions_BT)
-    if dms.zero_after_rope and dms.decision == "q_channel":
+    if dms.zeroes_q_after_rope:
         q_BTHD = zero_decision_heads(q_BTHD, K, dms.channel(Dh))
     index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     mask_B1TS = causal_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)

@@ -62,6 +62,11 @@ class DMSConfig:
         if self.decision_scale <= 0:
             raise UserError(f"dms.decision_scale must be > 0; got {self.decision_scale}")
 
+    @property
+    def zeroes_q_after_rope(self) -> bool:
+        """Whether attention zeroes the decision channel of q after RoPE too (q_channel decisions only)."""
+        return self.zero_after_rope and self.decision == "q_channel"
+
     def channel(self, head_dim: int) -> int:
         """The decision channel as an index in [0, head_dim)."""
         if not -head_dim <= self.decision_channel < head_dim:
