@@ -147,6 +147,12 @@ def test_a_rerun_reuses_the_rows_measured_with_the_same_settings_and_measures_on
     assert second[:2] == [r | {"bytes_cr": r["bytes_cr"]} for r in first]  # the same measurements, not new ones
     assert printed.count("reused") == 2 and "base corm CR None" in printed
     assert second[2]["budget"] is None and second[2]["logical_cr"] >= 1.0
+    # Another method's cache fields do not matter to these rows; the row's own method's fields do.
+    assert main(common + ["--config.compare.methods=('dense','tova')", "--config.cache.h2o.recent_ratio=0.25"]) == 0
+    assert capsys.readouterr().out.count("reused") == 2
+    assert main(common + ["--config.compare.methods=('dense','tova')", "--config.cache.tova.per_head=True"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("reused") == 1 and "base tova CR 4.0" in printed
     # Other settings (a different context): nothing is reused.
     other = [a.replace("context=64", "context=48") for a in common]
     assert other != common and main(other + ["--config.compare.methods=('dense',)"]) == 0

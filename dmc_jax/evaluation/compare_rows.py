@@ -1,5 +1,9 @@
 """Compare's rows on disk: each row keyed 'model|method|CR', rows.json rewritten after every row, and a rerun with
-the same settings reusing the rows already measured (compare.resume)."""
+the same settings reusing the rows already measured (compare.resume).
+
+A row depends on the run-wide settings (measure_settings) and on its own method's cache section: each row records
+that section (`cache_section`), so adding a method to the registry, or changing another method's fields, does not
+invalidate the rows already measured."""
 
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ MEASURE_FIELDS = ("evals", "text_files", "context", "prefix", "ppl_sequences", "
 
 def measure_settings(config) -> dict:
     """Everything that changes what a row measures (JSON-normalised)."""
-    want = {"compare": {k: config.compare[k] for k in MEASURE_FIELDS}, "cache": config.cache.to_dict(),
+    cache = {k: v for k, v in config.cache.to_dict().items() if not isinstance(v, dict)}  # sections: per row
+    want = {"compare": {k: config.compare[k] for k in MEASURE_FIELDS}, "cache": cache,
             "kv_heads": config.kv_heads.to_dict(), "model": config.model.to_dict(), "seed": config.seed}
     return json.loads(json.dumps(want, default=list))
 
@@ -61,9 +66,11 @@ class Rows(list):
     """The rows so far; the table is rewritten after each one so a long run shows partial results. With rows of an
     earlier run with the same settings (compare.resume), a row already measured is taken from there."""
 
-    def __init__(self, out_dir: str, mc_tasks, settings: dict, previous: Optional[dict] = None):
+    def __init__(self, out_dir: str, mc_tasks, settings: dict, previous: Optional[dict] = None,
+                 cache_section=lambda method: None):
         super().__init__()
         self.out_dir, self.mc_tasks, self.settings, self.previous = out_dir, mc_tasks, settings, previous or {}
+        self.cache_section = cache_section  # method -> its cache section as JSON (what a row of it depends on)
 
     def write(self) -> dict:
 
@@ -80,7 +87,7 @@ class Rows(list):
     def reuse(self, key: tuple) -> bool:
         """Appends the earlier run's row for key, if there is one."""
         row = self.previous.get(row_key(key))
-        if row is None:
+        if row is None or row.get("cache_section") != self.cache_section(key[1]):
             return False
         print(f"[compare] {row_key(key)}: measured in the earlier run, reused", flush=True)
         self.append(row)
@@ -89,7 +96,7 @@ class Rows(list):
     def add(self, key: tuple, measure) -> None:
         if not self.reuse(key):
             row = measure()
-            row["key"] = row_key(key)
+            row["key"], row["cache_section"] = row_key(key), self.cache_section(key[1])
             self.append(row)
 
     def append(self, row) -> None:

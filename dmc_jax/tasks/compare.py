@@ -24,6 +24,7 @@ compare.ppl_sequences=2, compare.passkey_lengths=(256,), compare.mc_tasks=('stra
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -126,7 +127,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     _check_extra_models(config)  # before hours of rows, not after
     data = _data(config, tok)
     rows = Rows(config.output_dir, list(c.mc_tasks) if "mc" in c.evals else [], measure_settings(config),
-                previous_rows(config) if c.resume else {})
+                previous_rows(config) if c.resume else {}, cache_section=lambda m: _cache_section(config, m))
     for row in compare_grid.base_rows(c.methods, c.ratios):
         hparams = _config_hparams(config, row.method)
         rows.add(row.key, lambda row=row, hparams=hparams: _evaluate(
@@ -149,6 +150,11 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     out = rows.write()
     print(open(out["table"]).read())
     return {"rows": list(rows), **out}
+
+
+def _cache_section(config, method: str) -> dict:
+    """The cache fields a row of `method` depends on (its own section), JSON-normalised."""
+    return json.loads(json.dumps(registry.method_section(config.cache, method).to_dict(), default=list))
 
 
 def _config_hparams(config, method: str):
