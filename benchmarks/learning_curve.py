@@ -2,13 +2,15 @@
 training-free methods, measured in ONE task-compare run; prints a table and writes JSON and a plot.
 
     python benchmarks/learning_curve.py --runs runs/dms_cr4,runs/dms_cr4_base [--out runs/learning_curve]
-        [--baselines h2o,tova,streaming_llm] [--ratios 4,8] [-- --config.cache.dms.capacity=560 ...]
+        [--baselines h2o,tova,streaming_llm] [--ratios 4,8] [--also 'label|model dir|cache method' ...]
+        [-- --config.cache.dms.capacity=560 ...]
 
 Each run directory holds exports named model<step> (what `train.export_dir=<run>/model<step>` writes: the weights
 and kv_method.json); every export becomes an extra model of task compare ('auto': its own method and
 hyper-parameters) and is scored with compare's decode-time protocol (held-out text decoded token by token through
 the cache, passkey retrieval). Tokens trained = step x data.seq_len x data.batch_size from the run's results.json.
-Arguments after `--` go to task compare unchanged (e.g. the DMS buffer size). The compare run resumes: rerunning
+Arguments after `--` go to task compare unchanged (e.g. the DMS buffer size). --also adds rows that are not points
+of a curve (e.g. a final export served with another cache method, at the bytes of a baseline) to the same run. The compare run resumes: rerunning
 with more exports measures only the new rows, so the curve can grow while a training run goes on.
 """
 
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/learning_curve")
     ap.add_argument("--baselines", default="h2o,tova,streaming_llm")
     ap.add_argument("--ratios", default="4,8")
+    ap.add_argument("--also", nargs="*", default=[], help="more compare.extra_models entries")
     args = ap.parse_args(argv)
 
     from dmc_jax.main import main as dmc_main
@@ -62,6 +65,12 @@ def main(argv=None) -> int:
             label = f"{name}@{step}"
             extra.append(f"{label}|{path}|auto")
             meta[label] = {"run": name, "step": step, "tokens": step * per_step}
+    also = [a for a in args.also if a]
+    for spec in also:
+        if spec.count("|") != 2:
+            print(f"--also entries look like 'label|model dir|cache method'; got {spec!r}", file=sys.stderr)
+            return 2
+    extra += also
     if not extra:
         print(f"no model<step> exports with kv_method.json under {', '.join(runs)}", file=sys.stderr)
         return 2
@@ -77,11 +86,14 @@ def main(argv=None) -> int:
     if rc:
         return rc
     rows = json.load(open(os.path.join(compare_dir, "rows.json")))["rows"]
-    curve = {"runs": {}, "baselines": []}
+    curve = {"runs": {}, "baselines": [], "also": []}
+    also_labels = {spec.split("|")[0] for spec in also}
     for r in rows:
         point = {k: r.get(k) for k in ("ppl", "logical_cr", "passkey_acc", "bytes_per_seq", "overflow")}
         if r["model"] in meta:
             curve["runs"].setdefault(meta[r["model"]]["run"], []).append({**meta[r["model"]], **point})
+        elif r["model"] in also_labels:
+            curve["also"].append({"label": r["model"], "method": r["method"], **point})
         elif r["model"] == "base":
             curve["baselines"].append({"method": r["method"], "ratio": r["ratio"], **point})
     for points in curve["runs"].values():
@@ -93,14 +105,22 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, points in curve["runs"].items():
         for p in points:
-            print(f"| {name} | {p['step']} | {p['tokens'] / 1e3:.0f}k | {p['ppl']:.2f} | {p['logical_cr']:.2f} | "
-                  f"{p['passkey_acc']:.2f} | {p['bytes_per_seq'] / 2**20:.2f} | {p['overflow'] or 0} |")
+            print(f"| {name} | {p['step']} | {p['tokens'] / 1e3:.0f}k | {_num(p['ppl'])} | {_num(p['logical_cr'])} | "
+                  f"{_num(p['passkey_acc'])} | {_num(p['bytes_per_seq'], 2**20)} | {p['overflow'] or 0} |")
+    for a in curve["also"]:
+        print(f"| {a['label']} ({a['method']}) | - | - | {_num(a['ppl'])} | {_num(a['logical_cr'])} | "
+              f"{_num(a['passkey_acc'])} | {_num(a['bytes_per_seq'], 2**20)} | {a['overflow'] or 0} |")
     for b in curve["baselines"]:
-        print(f"| {b['method']} (no training) | - | 0 | {b['ppl']:.2f} | {b['logical_cr']:.2f} | "
-              f"{b['passkey_acc']:.2f} | {b['bytes_per_seq'] / 2**20:.2f} | - |")
+        print(f"| {b['method']} (no training) | - | 0 | {_num(b['ppl'])} | {_num(b['logical_cr'])} | "
+              f"{_num(b['passkey_acc'])} | {_num(b['bytes_per_seq'], 2**20)} | - |")
     _plot(curve, os.path.join(args.out, "curve.png"))
     print(f"curve: {os.path.join(args.out, 'curve.json')}, {os.path.join(args.out, 'curve.png')}")
     return 0
+
+
+def _num(x, scale: float = 1.0) -> str:
+    """x / scale to 2 decimals, '-' for a value the row does not have (e.g. a skipped measurement)."""
+    return "-" if x is None else f"{x / scale:.2f}"
 
 
 def _plot(curve: dict, path: str) -> None:
@@ -116,10 +136,14 @@ def _plot(curve: dict, path: str) -> None:
         for p in points:
             ax_ppl.annotate(f"CR {p['logical_cr']:.1f}", (p["tokens"], p["ppl"]), fontsize=7)
         ax_key.plot(x, [p["passkey_acc"] for p in points], "o-", label=name)
+    colors = {}
     for b in curve["baselines"]:
         label = b["method"] if b["method"] == "dense" else f"{b['method']} CR {b['ratio']:g}"
+        color = "grey" if b["method"] == "dense" else colors.setdefault(b["method"], f"C{len(colors) + 2}")
+        style = "-" if b["method"] == "dense" else ("--" if (b["ratio"] or 1) <= 4 else ":")
         for ax, key in ((ax_ppl, "ppl"), (ax_key, "passkey_acc")):
-            ax.axhline(b[key], lw=0.8, ls="--", color="grey" if b["method"] == "dense" else None, label=label)
+            if b[key] is not None:
+                ax.axhline(b[key], lw=0.9, ls=style, color=color, label=label)
     ax_ppl.set(xlabel="training tokens", ylabel="decoded perplexity (512 tokens)", title="quality through the cache")
     ax_key.set(xlabel="training tokens", ylabel="passkey accuracy (512 tokens)", title="passkey retrieval")
     ax_ppl.legend(fontsize=7)
