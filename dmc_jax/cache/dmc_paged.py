@@ -44,13 +44,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dmc_jax import kernels as dispatch
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_common import (OPEN_SLOT_KEYS, OVERFLOW, SIZING, SIZING_LEGACY, TRAINED, decode_decisions, init_open_slot, prefill_slots,
                                       rotate, update_open_slot, write_layer)
-from dmc_jax.cache.overflow import check_sizing
+from dmc_jax.cache.overflow import check_pool, check_sizing
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dmc.config import DMCConfig, from_section
@@ -237,25 +236,8 @@ class DMCPagedCache(RowOps):
 
     def check(self, state) -> None:
         """UserError naming the first (layer, head) the pool failed (decode overflow allowed with 'merge')."""
-        P, N = state["pool_k"].shape[:2]
-        refused = np.asarray(state["refused"])
-        pool = f"the pool has {P} pages of {N} slots"
-        fix = "raise cache.dmc_paged.pages (or cache.dmc_paged.margin, or lower cache.dmc_paged.target_cr)"
-        lost_LBK = np.asarray(state["lost"])
-        if lost_LBK.any() or refused[1]:
-            where = "a row admitted since"
-            if lost_LBK.any():
-                l, b, k = (int(i) for i in np.argwhere(lost_LBK)[0])
-                where = f"layer {l}, KV head {k} (sequence {b}) lost {int(lost_LBK[l, b, k])} slots"
-            raise UserError(f"DMC paged cache out of pages for a new sequence: {where}; {pool}; {fix}")
-        overflow_LBK = np.asarray(state["overflow"])
-        if self.on_overflow == "error" and refused[0]:
-            where = "in a row admitted since"
-            if overflow_LBK.any():
-                l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
-                where = f"layer {l}, KV head {k} (sequence {b})"
-            raise UserError(f"DMC paged cache overflow: {where} found no free page ({int(refused[0])} appends "
-                            f"merged instead in all); {pool}; {fix}, or set cache.dmc_paged.on_overflow='merge'")
+        check_pool(state, "DMC paged cache", "dmc_paged", "slots", "found no free page", "appends merged instead",
+                   "merge", self.on_overflow != "error")
 
 
 registry.register(registry.MethodSpec(

@@ -50,13 +50,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dmc_jax import kernels as dispatch
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_paged import _pop as pop_pages, _push as push_pages  # the paged DMC cache's allocator
 from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, capacity_for
-from dmc_jax.cache.overflow import check_sizing
+from dmc_jax.cache.overflow import check_pool, check_sizing
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dms.attention import dms_core
@@ -299,26 +298,8 @@ class DMSPagedCache(RowOps):
 
     def check(self, state) -> None:
         """UserError naming the first (layer, head) the pool failed (decode overflow allowed with 'evict')."""
-        P, N = state["pool_pos"].shape
-        refused = np.asarray(state["refused"])
-        pool = f"the pool has {P} pages of {N} slots"
-        fix = "raise cache.dms_paged.pages (or cache.dms_paged.margin, or lower cache.dms_paged.target_cr)"
-        lost_LBK = np.asarray(state["lost"])
-        if lost_LBK.any() or refused[1]:
-            where = "a row admitted since"
-            if lost_LBK.any():
-                l, b, k = (int(i) for i in np.argwhere(lost_LBK)[0])
-                where = f"layer {l}, KV head {k} (sequence {b}) lost {int(lost_LBK[l, b, k])} tokens"
-            raise UserError(f"DMS paged cache out of pages for a new sequence: {where}; {pool}; {fix}")
-        overflow_LBK = np.asarray(state["overflow"])
-        if self.on_overflow == "error" and refused[0]:
-            where = "in a row admitted since"
-            if overflow_LBK.any():
-                l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
-                where = f"layer {l}, KV head {k} (sequence {b})"
-            raise UserError(f"DMS paged cache overflow: {where} found no slot and no free page "
-                            f"({int(refused[0])} tokens forced out early in all); {pool}; {fix}, or set "
-                            f"cache.dms_paged.on_overflow='evict'")
+        check_pool(state, "DMS paged cache", "dms_paged", "tokens", "found no slot and no free page",
+                   "tokens forced out early", "evict", self.on_overflow != "error")
 
 
 registry.register(registry.MethodSpec(

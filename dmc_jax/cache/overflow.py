@@ -41,3 +41,33 @@ def check_buffer(state, cache: str, prefill_what: str, decode_what: str, fix: st
         l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
         raise UserError(f"{cache} overflow: layer {l}, KV head {k} (sequence {b}) needed more than {C} slots "
                         f"({int(overflow_LBK.sum())} {decode_what} found no slot in all); {fix}, or set {fallback}")
+
+
+def check_pool(state, cache: str, section: str, lost_unit: str, failed: str, counted: str, fallback: str,
+               allow_fallback: bool) -> None:
+    """The paged caches' check (DMC and DMS): UserError naming the first (layer, head, sequence) the shared page pool
+    failed. state: refused [2] (pool refusals, [decode, prefill]), lost / overflow [L, B, K], pool_pos or pool_k
+    [P, N, ...]. Prompt tokens without a page are always an error; decode refusals unless allow_fallback.
+
+    cache: 'DMC paged cache'; section: its config section; lost_unit: what a prompt lost ('slots', 'tokens');
+    failed / counted: what a refused decode step did ('found no free page', 'appends merged instead'); fallback:
+    the on_overflow value that allows it."""
+    P, N = (state["pool_pos"] if "pool_pos" in state else state["pool_k"]).shape[:2]
+    refused = np.asarray(state["refused"])
+    pool = f"the pool has {P} pages of {N} slots"
+    fix = f"raise cache.{section}.pages (or cache.{section}.margin, or lower cache.{section}.target_cr)"
+    lost_LBK = np.asarray(state["lost"])
+    if lost_LBK.any() or refused[1]:
+        where = "a row admitted since"
+        if lost_LBK.any():
+            l, b, k = (int(i) for i in np.argwhere(lost_LBK)[0])
+            where = f"layer {l}, KV head {k} (sequence {b}) lost {int(lost_LBK[l, b, k])} {lost_unit}"
+        raise UserError(f"{cache} out of pages for a new sequence: {where}; {pool}; {fix}")
+    overflow_LBK = np.asarray(state["overflow"])
+    if not allow_fallback and refused[0]:
+        where = "in a row admitted since"
+        if overflow_LBK.any():
+            l, b, k = (int(i) for i in np.argwhere(overflow_LBK)[0])
+            where = f"layer {l}, KV head {k} (sequence {b})"
+        raise UserError(f"{cache} overflow: {where} {failed} ({int(refused[0])} {counted} in all); {pool}; {fix}, "
+                        f"or set cache.{section}.on_overflow='{fallback}'")
