@@ -56,6 +56,26 @@ def capacity_for(max_tokens: int, window: int, capacity: int, target_cr: float, 
     return max_tokens
 
 
+def prefill_kept(cache, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter_BTK=None):
+    """DMS's hard parallel form over right-padded prompts, and what a DMS cache holds after them (both caches, padded
+    and paged): (out_BTHD, marked_BKT, kept_BKT). Token j < L is kept unless marked (by token j + 1 < L) and out of
+    the window (L - 1 - j > w); cache: a DMSCache or DMSPagedCache (its dms settings and serving threshold)."""
+    B, T = q_BTHD.shape[:2]
+    K = k_BTKD.shape[2]
+    dms, w = cache.dms.replace(mode="hard"), cache.dms.window
+    t_T = jnp.arange(T, dtype=jnp.int32)
+    a_BTK, q_BTHD = cache._decision(q_BTHD, K, dms, adapter_BTK)
+    alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
+    alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
+    out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, jnp.broadcast_to(t_T, (B, T)), None, rope, dms)
+    L_B11 = lengths_B[:, None, None]
+    t_11T = t_T[None, None]
+    marked_BKT = jnp.concatenate([alpha_BTK[:, 1:], jnp.zeros_like(alpha_BTK[:, :1])], 1).transpose(0, 2, 1) > 0.5
+    marked_BKT &= t_11T + 1 < L_B11
+    kept_BKT = (t_11T < L_B11) & (~marked_BKT | (L_B11 - 1 - t_11T <= w))
+    return out_BTHD, marked_BKT, kept_BKT
+
+
 def _write(state: dict, layer, values: dict) -> dict:
     new = dict(state)
     for name, x in values.items():
@@ -137,23 +157,13 @@ class DMSCache(RowOps):
 
     # ---------------------------------------------------------------------------------------------- prefill
     def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter_BTK=None):
-        B, T, _, Dh = q_BTHD.shape
+        B, T = q_BTHD.shape[:2]
         K = k_BTKD.shape[2]
-        dms, w = self.dms.replace(mode="hard"), self.dms.window
+        w = self.dms.window
+        out_BTHD, marked_BKT, kept_BKT = prefill_kept(self, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope, adapter_BTK)
         t_T = jnp.arange(T, dtype=jnp.int32)
-        a_BTK, q_BTHD = self._decision(q_BTHD, K, dms, adapter_BTK)
-        alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
-        alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
         positions_BT = jnp.broadcast_to(t_T, (B, T))
-        out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, positions_BT, None, rope, dms)
-        # What the cache holds after the last prompt token L - 1: token j < L unless marked (by token j + 1 < L)
-        # and out of the window (L - 1 - j > w).
-        L_B11 = lengths_B[:, None, None]
         t_11T = t_T[None, None]
-        marked_BKT = jnp.concatenate([alpha_BTK[:, 1:], jnp.zeros_like(alpha_BTK[:, :1])], 1).transpose(0, 2, 1) > 0.5
-        marked_BKT &= t_11T + 1 < L_B11
-        real_BKT = t_11T < L_B11
-        kept_BKT = real_BKT & (~marked_BKT | (L_B11 - 1 - t_11T <= w))
         C = state["k"].shape[3]
         rank_BKT = jnp.cumsum(kept_BKT, axis=-1, dtype=jnp.int32) - 1
         slot_BKT = jnp.where(kept_BKT & (rank_BKT < C), rank_BKT, C)  # C: out of range, dropped

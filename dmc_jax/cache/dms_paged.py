@@ -54,13 +54,12 @@ import jax.numpy as jnp
 from dmc_jax import kernels as dispatch
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_paged import _pop as pop_pages, _push as push_pages  # the paged DMC cache's allocator
-from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, capacity_for
+from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, capacity_for, prefill_kept
 from dmc_jax.cache.overflow import check_pool, check_sizing
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
-from dmc_jax.dms.attention import dms_core
 from dmc_jax.dms.config import DMSConfig, from_section
-from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
+from dmc_jax.dms.decisions import read_decision, zero_decision_heads
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import ModelConfig
 
@@ -232,22 +231,14 @@ class DMSPagedCache(RowOps):
 
     # ---------------------------------------------------------------------------------------------- prefill
     def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter_BTK=None):
-        B, T, _, Dh = q_BTHD.shape
+        B, T = q_BTHD.shape[:2]
         K = k_BTKD.shape[2]
-        dms, w = self.dms.replace(mode="hard"), self.dms.window
+        # What the cache holds after the last prompt token (as DMSCache): dms.prefill_kept
+        out_BTHD, marked_BKT, kept_BKT = prefill_kept(self, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope, adapter_BTK)
         t_T = jnp.arange(T, dtype=jnp.int32)
-        a_BTK, q_BTHD = self._decision(q_BTHD, K, dms, adapter_BTK)
-        alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
-        alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
         positions_BT = jnp.broadcast_to(t_T, (B, T))
-        out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, positions_BT, None, rope, dms)
-        # What the cache holds after the last prompt token L - 1 (as DMSCache): token j < L unless marked (by token
-        # j + 1 < L) and out of the window (L - 1 - j > w).
         L_B11 = lengths_B[:, None, None]
         t_11T = t_T[None, None]
-        marked_BKT = jnp.concatenate([alpha_BTK[:, 1:], jnp.zeros_like(alpha_BTK[:, :1])], 1).transpose(0, 2, 1) > 0.5
-        marked_BKT &= t_11T + 1 < L_B11
-        kept_BKT = (t_11T < L_B11) & (~marked_BKT | (L_B11 - 1 - t_11T <= w))
         count_BK = jnp.sum(kept_BKT, axis=-1, dtype=jnp.int32)
         # Pages: a row admitted again gives back what it held in this layer, then takes ceil(count / N) pages.
         P, N = state["pool_pos"].shape
