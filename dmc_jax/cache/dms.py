@@ -77,6 +77,7 @@ def prefill_kept(cache, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter
 
 
 def _write(state: dict, layer, values: dict) -> dict:
+    """state with layer `layer` of each named leaf replaced by values[name] (the paged DMS cache uses it too)."""
     new = dict(state)
     for name, x in values.items():
         new[name] = jax.lax.dynamic_update_slice(state[name], x[None].astype(state[name].dtype),

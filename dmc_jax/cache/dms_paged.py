@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from dmc_jax import kernels as dispatch
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_paged import _pop as pop_pages, _push as push_pages  # the paged DMC cache's allocator
-from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, capacity_for, prefill_kept
+from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, _write, capacity_for, prefill_kept
 from dmc_jax.cache.overflow import check_pool, check_sizing
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
@@ -65,14 +65,6 @@ from dmc_jax.model.config import ModelConfig
 
 POOL_KEYS = ("pool_k", "pool_v", "pool_pos", "free", "top", "refused")  # shared by all rows
 PAGE_KEYS = ("pool_k", "pool_v", "pool_pos")  # one page's storage
-
-
-def _write(state: dict, layer, values: dict) -> dict:
-    new = dict(state)
-    for name, x in values.items():
-        new[name] = jax.lax.dynamic_update_slice(state[name], x[None].astype(state[name].dtype),
-                                                 (layer,) + (0,) * x.ndim)
-    return new
 
 
 def _at(x_BKR, i_BK):
