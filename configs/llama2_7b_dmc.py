@@ -79,6 +79,7 @@ def get_config(variant: str = "cr4"):
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
     c.checkpoint.resume = True
+    c.checkpoint.init_from = ""     # another run's checkpoint dir or <dir>/<step>: start from its state, fresh data
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                               # the rest of the devices

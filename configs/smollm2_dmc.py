@@ -77,6 +77,7 @@ def get_config():
     c.checkpoint.max_to_keep = 2
     c.checkpoint.async_save = True
     c.checkpoint.resume = True
+    c.checkpoint.init_from = ""     # another run's checkpoint dir or <dir>/<step>: start from its state, fresh data
 
     c.eval = ml_collections.ConfigDict()
     c.eval.text_files = ""          # '' = the default corpus's held-out works (never trained on)

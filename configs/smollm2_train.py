@@ -61,6 +61,7 @@ def get_config():
     c.checkpoint.max_to_keep = 2    # 0 = keep all
     c.checkpoint.async_save = True
     c.checkpoint.resume = True      # continue from the newest checkpoint in dir (False: refuse a used dir)
+    c.checkpoint.init_from = ""     # another run's checkpoint dir or <dir>/<step>: start from its state, fresh data
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1                 # devices: data x fsdp x tensor (one of them may be -1: the rest)

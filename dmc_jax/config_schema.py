@@ -171,6 +171,9 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     _bool("optim.decay_embeddings", o.decay_embeddings)
     if not isinstance(c.dir, str):
         raise UserError(f"checkpoint.dir must be a path ('' = <output_dir>/checkpoints); got {c.dir!r}")
+    if not isinstance(c.get("init_from", ""), str):
+        raise UserError(f"checkpoint.init_from must be a checkpoint directory or <dir>/<step> ('' = none); got "
+                        f"{c.init_from!r}")
     _at_least("checkpoint.every_steps", c.every_steps, 0)
     _at_least("checkpoint.max_to_keep", c.max_to_keep, 0)
     for name in ("async_save", "resume"):

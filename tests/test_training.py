@@ -380,3 +380,41 @@ def test_train_export_dir_writes_the_final_weights_as_a_hugging_face_directory(c
     for x, y, z in zip(jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(initial)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(not np.array_equal(np.asarray(y), z) for y, z in zip(jax.tree.leaves(want), jax.tree.leaves(initial)))
+
+
+def test_init_from_continues_another_runs_state_with_this_runs_data_and_refuses_a_mismatch(corpus, tmp_path):
+    tmp, data = corpus
+    train = lambda cfg, model=None: loop.train(cfg, model or tiny_model(), make_objective("lm", cfg, CFG),
+                                               loop.TrainData(pipeline.make_iterator(cfg.data, ByteTokenizer())))
+    first = make_config(data, tmp_path / "first", **{"train.steps": 4})
+    train(first)
+    source = str(tmp_path / "first" / "checkpoints")
+    before = sorted(os.listdir(source))
+
+    # one step from the source's step 4 on a fresh iterator of this run's data (other options: allowed) equals
+    # one update by hand
+    one = make_config(data, tmp_path / "one", **{"train.steps": 5, "checkpoint.init_from": source + "/4"})
+    one.data.seed = 5
+    summary = train(one)
+    assert summary["start_step"] == 4 and summary["last_checkpoint"] == 5
+    s = loop.setup(one, CFG, tiny_model().params, make_objective("lm", one, CFG))
+    with Checkpointer(source) as ck:
+        state = ck.restore_state(4, s.abstract_state(tiny_model().params))
+    batch = s.put_batch(next(pipeline.make_iterator(one.data, ByteTokenizer())))
+    expected, _, _ = s.train_step(state["params"], state["opt_state"], batch, state["rng"], jnp.int32(4))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), jax.device_get(expected),
+                 _final_state(tmp_path / "one" / "checkpoints", 5)["params"])
+
+    assert sorted(os.listdir(source)) == before  # the source directory is only read
+
+    for value, match in [(str(tmp_path / "nowhere"), "no such directory"),
+                         (source + "/3", r"holds no checkpoint step 3 \(steps there: \[2, 4\]\)")]:
+        bad = make_config(data, tmp_path / "bad", **{"checkpoint.init_from": value})
+        with pytest.raises(UserError, match=match):
+            train(bad)
+    bigger = tiny_config(vocab_size=ByteTokenizer.vocab_size, mlp_dim=CFG.mlp_dim * 2)
+    bad = make_config(data, tmp_path / "bad2", **{"checkpoint.init_from": source})
+    with pytest.raises(UserError, match="written for another model or optimizer") as err:
+        loop.train(bad, LoadedModel(bigger, init_params(bigger, jax.random.PRNGKey(0)), ByteTokenizer(), "tiny"),
+                   make_objective("lm", bad, bigger), loop.TrainData(pipeline.make_iterator(data, ByteTokenizer())))
+    assert "\n" not in str(err.value)

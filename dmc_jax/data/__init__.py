@@ -8,6 +8,7 @@
     prepare.py, summary.py preparing once (idempotent) and the summary: documents, tokens, bytes per token
     tokenize.py            documents -> token ids (bos / eos)
     packing.py             token streams -> rows of seq_len with segment ids and positions; next-token targets
+    recall.py              recall rows: facts spliced into training rows and restated later (data.recall_fraction)
     pipeline.py            shuffle, shard across processes, tokenize, pack, batch: make_dataset / make_iterator
     checkpointing.py       the iterator's state in the same orbax checkpoint as the model
 

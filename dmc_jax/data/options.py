@@ -44,6 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_threads = 2  # threads reading and tokenizing documents (0 = in the calling thread)
     c.prefetch = 64  # documents read ahead by those threads
     c.summary_max_documents = 0  # documents tokenized per split for the summary (0 = all)
+    # Recall rows (training split only; dmc_jax/data/recall.py): this fraction of the one-document rows gets
+    # recall_facts short facts (a label and a random number) stated and later restated, so a learned cache policy
+    # is penalized for dropping what a retrieval question needs. 0 = plain text.
+    c.recall_fraction = 0.0
+    c.recall_facts = 2
     c.progress = True  # progress bars while preparing
     return c
 
@@ -69,6 +74,9 @@ def validate(cfg_data: ml_collections.ConfigDict) -> None:
     _int(c, "num_threads", 0, 256)
     _int(c, "prefetch", 1)
     _int(c, "summary_max_documents", 0)
+    require(isinstance(c.recall_fraction, (int, float)) and not isinstance(c.recall_fraction, bool)
+            and 0 <= c.recall_fraction <= 1, f"data.recall_fraction must be in [0, 1], got {c.recall_fraction!r}")
+    _int(c, "recall_facts", 1, 16)
     for name in ("reset_attention", "add_bos", "add_eos", "shuffle", "progress"):
         require(isinstance(c[name], bool), f"data.{name} must be True or False, got {c[name]!r}")
 

@@ -6,6 +6,7 @@
       -> repeat data.num_epochs times (0 = forever)
       -> tokenize (data.num_threads threads, in order)       {'tokens': int32 [N]}
       -> pack into rows of data.seq_len (packing.py)         {'tokens', 'segment_ids', 'positions'}: int32 [T]
+      -> training split with data.recall_fraction > 0: facts spliced into some rows (recall.py)
       -> shuffle rows within windows of data.shuffle_window
       -> batch data.batch_size / P rows; a finite run pads its last batch with all-zero rows (segment id 0)
 
@@ -27,6 +28,7 @@ import grain
 from dmc_jax.data import sources
 from dmc_jax.data.options import validate
 from dmc_jax.data.packing import PackedRows
+from dmc_jax.data.recall import RecallInserter
 from dmc_jax.data.tokenize import DocumentTokens
 from dmc_jax.errors import UserError
 
@@ -72,6 +74,9 @@ def make_dataset(cfg_data, tokenizer, *, split: Optional[str] = None, shard: Opt
     read = grain.ReadOptions(num_threads=cfg_data.num_threads,
                              prefetch_buffer_size=cfg_data.prefetch if cfg_data.num_threads else 0)
     rows = PackedRows(documents.to_iter_dataset(read), cfg_data.seq_len, cfg_data.reset_attention)
+    if cfg_data.recall_fraction > 0 and split == cfg_data.train_split:
+        recall = RecallInserter(tokenizer, cfg_data.recall_fraction, cfg_data.recall_facts)
+        rows = rows.random_map(recall, seed=cfg_data.seed)
     if shuffle and cfg_data.shuffle_window > 1:
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=cfg_data.shuffle_window,
                                                            seed=cfg_data.seed)

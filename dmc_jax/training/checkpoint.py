@@ -48,10 +48,13 @@ def _first_line(e: Exception) -> str:
 
 class _QuietOrbaxErrors(logging.Filter):
     """Drops orbax's ERROR log records (with tracebacks) of a failed background save: the failure reaches the
-    Checkpointer, which reports it in one line."""
+    Checkpointer, which reports it in one line; and its warnings that a directory opened read-only (init_from) is
+    read-only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        read_only_notice = orbax and "read only" in record.getMessage().replace("read_only", "read only")
+        return not (orbax and (record.levelno >= logging.ERROR or read_only_notice))
 
 
 logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
@@ -70,14 +73,16 @@ class Restored:
 class Checkpointer:
     """Saves and restores (state, data iterator, meta) at integer steps in one directory, checksummed."""
 
-    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """read_only: another run's directory (checkpoint.init_from): nothing is created, cleaned or deleted."""
         self.directory = os.path.abspath(directory)
         self._async = async_save
         self._saving: Optional[int] = None  # the step whose save is in flight (sealed by _seal)
         # Always orbax's async checkpointer: only it runs a callback between the last write and the commit (a
         # synchronous save simply waits for it).
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True,
-                                               enable_async_checkpointing=True, cleanup_tmp_directories=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else (max_to_keep or None),
+                                               create=not read_only, read_only=read_only,
+                                               enable_async_checkpointing=True, cleanup_tmp_directories=not read_only,
                                                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal))
         try:
             self._mngr = ocp.CheckpointManager(self.directory, options=options)
@@ -211,6 +216,16 @@ class Checkpointer:
             raise UserError(f"checkpoint {where} cannot be restored ({type(e).__name__}: {_first_line(e)}); it is "
                             f"incomplete or corrupt: " + _WHAT_TO_DO.format(dir=self.directory)) from None
         return restored["state"], restored[data_ckpt.ITEM], dict(meta)
+
+    def stored_fingerprint(self, step: int) -> dict:
+        """The fingerprint saved with `step` (what the run that wrote it had: parameter shapes, data options...)."""
+        try:
+            meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            return dict(meta["fingerprint"])
+        except Exception as e:
+            raise UserError(f"checkpoint {self._step_dir(step)} cannot be read ({type(e).__name__}: "
+                            f"{_first_line(e)}); it is incomplete or corrupt: "
+                            + _WHAT_TO_DO.format(dir=self.directory)) from None
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """Only the arrays {'params', 'opt_state', 'rng'} of `step` (evaluation, export): no iterator needed."""

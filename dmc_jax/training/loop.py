@@ -148,7 +148,40 @@ def fingerprint(params, opt_abstract, config) -> dict:
     for name in DATA_FINGERPRINT:
         if data is not None and name in data:
             fp[f"data.{name}"] = data[name]
+    if data is not None and data.get("recall_fraction", 0) > 0:  # only when on: older checkpoints stay resumable
+        fp["data.recall_fraction"], fp["data.recall_facts"] = data.recall_fraction, data.recall_facts
     return fp
+
+
+def warm_start(source: str, abstract_state, fp: dict) -> tuple[Any, int]:
+    """checkpoint.init_from: (state, step) of another run's checkpoint, `<dir>` (its newest intact step) or
+    `<dir>/<step>`. Parameters, optimizer state, RNG and step continue from it; the data iterator starts afresh
+    with this run's data options (the point: continue a run on another data mix). The model and optimizer must
+    match (compared with the fingerprint stored there); its directory is only read."""
+    directory, step = source.rstrip("/"), None
+    if os.path.basename(directory).isdigit():
+        directory, step = os.path.dirname(directory), int(os.path.basename(directory))
+    if not os.path.isdir(directory):
+        raise UserError(f"checkpoint.init_from={source!r}: no such directory; give a run's checkpoint directory "
+                        f"(<output_dir>/checkpoints) or one step of it (<dir>/<step>)")
+    with Checkpointer(directory, read_only=True) as other:
+        steps = other.all_steps()
+        step = (steps[-1] if steps else None) if step is None else step
+        if step is None or step not in steps:
+            raise UserError(f"checkpoint.init_from={source!r}: {directory} holds no checkpoint step "
+                            f"{'' if step is None else step} (steps there: {steps or 'none'}); give a run's "
+                            f"checkpoint directory or <dir>/<step>")
+        stored = other.stored_fingerprint(step)
+        diffs = [f"{k}: {stored.get(k)!r} there, {fp.get(k)!r} now" for k in sorted(set(stored) | set(fp))
+                 if not k.startswith("data.") and stored.get(k) != fp.get(k)]
+        if diffs:
+            raise UserError(f"checkpoint.init_from={source!r}: step {step} was written for another model or "
+                            f"optimizer ({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); start from a "
+                            f"checkpoint of the same model, method and optimizer")
+        state = other.restore_state(step, abstract_state)
+    print(f"initialized from {directory}/{step} (parameters, optimizer state, step); data: this run's options",
+          flush=True)
+    return state, step
 
 
 class _NoWriter:
@@ -234,14 +267,19 @@ class Trainer:
             raise UserError(f"{self.ckpt.directory} already holds checkpoints (newest: step {latest}) and "
                             f"checkpoint.resume is False; set output_dir (or checkpoint.dir) to a new directory")
         restored = self.ckpt.restore_latest(abstract, self.iterator, self.fp)
+        start = 0
         if restored is not None:
             self.iterator, log = restored.iterator, restored.log
             self.params, self.opt_state, self.rng = (restored.state[k] for k in ("params", "opt_state", "rng"))
+            start = restored.step
+        elif self.c.get("init_from", ""):
+            state, start = warm_start(self.c.init_from, abstract, self.fp)
+            self.params, self.opt_state, self.rng = (state[k] for k in ("params", "opt_state", "rng"))
         else:
             self.params, self.opt_state, self.rng = self.s.init_state(params, config.get("seed", 0))
         self.resumed_from = None if restored is None else restored.step
         self.window = Window.from_state(log)
-        return self.resumed_from or 0
+        return start
 
     def _open_log(self) -> None:
         """metrics.jsonl (truncated to the resumed step) and the progress bar; the summary so far from the rows."""
