@@ -221,6 +221,14 @@ def test_objective_surgery_ramp_and_gradient():
     g = np.asarray(grads["layers"]["q"][..., ::cfg.group_size, -1])
     assert np.abs(g).max() > 0  # the compression loss reaches the decision columns through the straight-through
 
+    c.update(target_cr=8.0, ramp_from_step=100, ramp_from_cr=4.0)  # continued to CR 8 from another run's step 100
+    later = dms_objective.make(ml_collections.ConfigDict({"dms": c, "data": {"seq_len": 32}}), cfg)
+    for step, expected in [(50, 4.0), (100, 4.0), (105, 6.0), (110, 8.0), (500, 8.0)]:
+        np.testing.assert_allclose(float(later.loss(params, batch, None, step)[1]["cr_target"]), expected)
+    c.update(ramp_from_cr=9.0)
+    with pytest.raises(UserError, match="1 <= dms.ramp_from_cr <= dms.target_cr"):
+        dms_objective.make(ml_collections.ConfigDict({"dms": c, "data": {"seq_len": 32}}), cfg)
+
 
 def test_config_validates_and_registers_the_cache():
     import os

@@ -88,6 +88,8 @@ def default_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         target_cr=4.0,          # CR* at the end of the ramp
         ramp_steps=500,         # CR target rises linearly from 1 to target_cr over these steps, then holds
+        ramp_from_step=0,       # ... starting at this step from ramp_from_cr (a run continued to a higher CR from
+        ramp_from_cr=1.0,       # another run's checkpoint, checkpoint.init_from, ramps from where that one was)
         cr_loss_weight=1.0,
         window=512,             # delayed eviction: a marked token stays visible for this many more tokens
         decision_channel=-1,    # the query channel read for the decision (reference: the last)
@@ -111,6 +113,9 @@ def validate_section(c: ml_collections.ConfigDict) -> None:
         raise UserError(f"dms.target_cr must be >= 1; got {c.target_cr}")
     if c.ramp_steps < 0:
         raise UserError(f"dms.ramp_steps must be >= 0; got {c.ramp_steps}")
+    if c.get("ramp_from_step", 0) < 0 or not 1.0 <= c.get("ramp_from_cr", 1.0) <= c.target_cr:
+        raise UserError(f"dms.ramp_from_step must be >= 0 and 1 <= dms.ramp_from_cr <= dms.target_cr; got "
+                        f"{c.get('ramp_from_step')} and {c.get('ramp_from_cr')}")
     if c.cr_loss_weight < 0:
         raise UserError(f"dms.cr_loss_weight must be >= 0; got {c.cr_loss_weight}")
     from_section(c)  # the dataclass checks the rest

@@ -3,7 +3,8 @@
 loss = token cross-entropy + cr_loss_weight * l_CR (or, wrapped by training/distill.py, a KL to the frozen original
 model + the same l_CR). l_CR = mean over sequences of max(0, (1 - 1/CR_target) - mean decision) (DMC's loss, which
 the reference also uses for DMS); CR_target rises linearly from 1 at step 0 to dms.target_cr at step
-dms.ramp_steps, then holds. At step 0 the W_q column that produces the decision channel of each group's first
+dms.ramp_steps, then holds (or from dms.ramp_from_cr at dms.ramp_from_step over the next ramp_steps steps: a run
+continued from another run's checkpoint to a higher CR). At step 0 the W_q column that produces the decision channel of each group's first
 query head is zeroed (that channel is zeroed in attention anyway), so training starts at a = -offset: nothing
 evicted. With dms.decision='adapter' the decision parameters are the adapter's (W_a and its norm; the model must
 have them: cfg.dms_adapter) and step 0 zeroes W_a instead (the reference's zero_out_proj_alpha). Evaluation (rng None) uses hard decisions: validation CR is what the cache would evict.
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dmc_jax.dmc.loss import compression_loss, compression_ratio, decision_stats, target_cr
+from dmc_jax.dmc.loss import compression_loss, compression_ratio, decision_stats
 from dmc_jax.dms.attention import DMSAttention
 from dmc_jax.dms.config import DMSConfig, default_section, from_section, validate_section
 from dmc_jax.errors import UserError
@@ -42,6 +43,8 @@ class DMSObjective:
     final_cr: float
     ramp_steps: int
     cr_loss_weight: float = 1.0
+    ramp_from_step: int = 0
+    ramp_from_cr: float = 1.0
     has_decision_params = True  # W_q's decision columns or the adapter (training/distill.py's parameter groups)
 
     def student(self, params, batch, rng: Optional[jax.Array], step):
@@ -51,7 +54,8 @@ class DMSObjective:
         logits_BTV, aux = llama.forward_aux(params, batch["tokens"], self.cfg, batch["positions"],
                                             batch["segment_ids"], attention=attention, rng=rng)
         valid_BT = batch["segment_ids"] > 0
-        target = target_cr(step, self.final_cr, 0, self.ramp_steps + 1)
+        progress = jnp.clip((step - self.ramp_from_step).astype(jnp.float32) / max(self.ramp_steps, 1), 0.0, 1.0)
+        target = self.ramp_from_cr + (self.final_cr - self.ramp_from_cr) * progress
         l_cr = compression_loss(aux["alpha_st_BTK"], valid_BT, target)
         stats = decision_stats(jax.lax.stop_gradient(aux["alpha_st_BTK"]), valid_BT)
         metrics = {"cr_loss": l_cr, "cr_target": target, "cr": compression_ratio(stats["alpha_mean"]),
@@ -124,4 +128,5 @@ def make(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> DMSObject
         raise UserError("dms.decision='adapter' needs a model with DMS adapter parameters (the train task adds "
                         "fresh ones; a DMS adapter checkpoint has them); this model has none")
     return DMSObjective(cfg=model_cfg, dms=dms_config(c), final_cr=float(c.target_cr),
-                        ramp_steps=int(c.ramp_steps), cr_loss_weight=float(c.cr_loss_weight))
+                        ramp_steps=int(c.ramp_steps), cr_loss_weight=float(c.cr_loss_weight),
+                        ramp_from_step=int(c.get("ramp_from_step", 0)), ramp_from_cr=float(c.get("ramp_from_cr", 1.0)))
