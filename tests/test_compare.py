@@ -185,3 +185,20 @@ def test_a_full_per_head_buffer_is_an_error_or_counted_never_silent():
     with pytest.raises(UserError, match="overflow at prefill"):
         prompt_then_decode(params, rows[:, :16], np.full(2, 16, np.int32), zeros, zeros.astype(bool),
                            DMSCache(dms=keep_all, capacity=12, on_overflow="evict"), cfg)
+
+
+def test_passkey_in_chunks_equals_all_prompts_at_once():
+    import jax
+
+    from dmc_jax.evaluation.passkey import run_passkey
+    from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
+
+    cfg = tiny_config(vocab_size=ByteTokenizer.vocab_size)
+    params = llama.unstack_layers(init_params(cfg, jax.random.PRNGKey(0)))
+    tok = ByteTokenizer()
+    filler = np.asarray(tok.encode("the cat sat on the mat and looked at the dog. " * 20), np.int32)
+    run = lambda batch: run_passkey(params, cfg, tok, filler, lambda n: StreamingLLMCache(budget=n // 2, n_sink=2),
+                                    (200,), (0.2, 0.8), trials=3, seed=1, answer_tokens=3, batch=batch)
+    whole, chunks = run(0), run(4)  # 6 prompts: chunks of 4, the last one padded
+    assert [c.answers for c in chunks] == [c.answers for c in whole]
+    assert [(c.length, c.depth, c.trials) for c in chunks] == [(200, 0.2, 3), (200, 0.8, 3)]

@@ -47,8 +47,10 @@ def build_prompt(tokenizer, filler_ids: np.ndarray, length: int, depth: float, k
 
 def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Callable[[int], object],
                 lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
-                answer_tokens: int = 6) -> list[PasskeyCell]:
-    """Accuracy per (length, depth); make_method(length) builds the cache method for that context length."""
+                answer_tokens: int = 6, batch: int = 0) -> list[PasskeyCell]:
+    """Accuracy per (length, depth); make_method(length) builds the cache method for that context length.
+    batch: prompts decoded at once (0 = all of a length; long prompts need chunks: a 2k-token prefill of 24 prompts
+    holds GBs of attention scores). Every chunk has the same shape (the last one padded), so one compilation."""
     rng = np.random.default_rng(seed)
     cells = []
     for length in lengths:
@@ -66,9 +68,18 @@ def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Cal
         for b, r in enumerate(rows):
             prompt_BT[b, :len(r)] = r
         lengths_B = np.array([len(r) for r in rows], np.int32)
-        zeros_BN = np.zeros((len(rows), answer_tokens), np.int32)
-        _, tokens_BN = prompt_then_decode(params, prompt_BT, lengths_B, zeros_BN, zeros_BN.astype(bool), method, cfg)
-        answers = [tokenizer.decode([int(x) for x in row]) for row in np.asarray(tokens_BN)]
+        n = len(rows)
+        size = min(batch or n, n)
+        pad = -n % size  # repeat the last prompt to fill the last chunk; its answers are dropped
+        prompt_BT = np.concatenate([prompt_BT, np.repeat(prompt_BT[-1:], pad, 0)])
+        lengths_B = np.concatenate([lengths_B, np.repeat(lengths_B[-1:], pad)])
+        zeros_BN = np.zeros((size, answer_tokens), np.int32)
+        answer_ids = []
+        for start in range(0, n + pad, size):
+            _, tokens_BN = prompt_then_decode(params, prompt_BT[start:start + size], lengths_B[start:start + size],
+                                              zeros_BN, zeros_BN.astype(bool), method, cfg)
+            answer_ids += np.asarray(tokens_BN).tolist()
+        answers = [tokenizer.decode([int(x) for x in row]) for row in answer_ids[:n]]
         for depth in depths:
             idx = [i for i, d in enumerate(meta) if d == depth]
             hits = sum(answers[i].strip().startswith(str(keys[i])) for i in idx)

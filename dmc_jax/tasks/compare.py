@@ -81,7 +81,7 @@ def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, d
     if "passkey" in c.evals:
         try:
             cells = run_passkey(params, cfg, tokenizer, data["filler"], make, c.passkey_lengths, c.passkey_depths,
-                                c.passkey_trials, seed=config.seed)
+                                c.passkey_trials, seed=config.seed, batch=2 * c.batch)
             row["passkey"] = [{"length": x.length, "depth": x.depth, "accuracy": x.accuracy, "answers": x.answers}
                               for x in cells]
             row["passkey_acc"] = float(np.mean([x.accuracy for x in cells]))
