@@ -27,29 +27,30 @@ def _positions(segment_ids_BT):
     return jnp.asarray(pos, jnp.int32)
 
 
+_dmc_core = jax.jit(dmc_core, static_argnums=(8, 9, 10))  # one program per example, not one per operation
+
+
 @settings(max_examples=12, deadline=None)
 @given(B=st.integers(1, 2), T=st.sampled_from([1, 7, 12]), K=st.sampled_from([1, 2]), G=st.sampled_from([1, 3]),
        window=st.sampled_from([None, 1, 2, 5]), p_merge=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
        packed=st.booleans(), zero_after_rope=st.booleans(), seed=st.integers(0, 2**16))
 def test_parallel_hard_form_equals_sequential_reference(B, T, K, G, window, p_merge, packed, zero_after_rope, seed):
     Dh, H = 8, K * G
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = jax.random.normal(keys[0], (B, T, H, Dh))
-    k = jax.random.normal(keys[1], (B, T, K, Dh))
-    v = jax.random.normal(keys[2], (B, T, K, Dh))
-    omega = jax.random.uniform(keys[3], (B, T, K), minval=0.01, maxval=1.0)
+    rng = np.random.default_rng(seed)  # numpy draws: jax.random would compile anew for every example's shapes
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, Dh)), jnp.float32) for n in (H, K, K))
+    omega = jnp.asarray(rng.uniform(0.01, 1.0, (B, T, K)), jnp.float32)
     segments = None
     if packed:
-        segments = jnp.asarray(np.sort(np.random.default_rng(seed).integers(1, 3, (B, T)), axis=1), jnp.int32)
+        segments = jnp.asarray(np.sort(rng.integers(1, 3, (B, T)), axis=1), jnp.int32)
     starts = sequence_starts(B, T, segments)
-    alpha = (jax.random.uniform(keys[4], (B, T, K)) < p_merge).astype(jnp.float32)
+    alpha = jnp.asarray(rng.uniform(size=(B, T, K)) < p_merge, jnp.float32)
     alpha = jnp.where(starts[..., None], 0.0, alpha)
     dmc = DMCConfig(window=window, mode="hard", zero_after_rope=zero_after_rope)
     ch = dmc.channel(Dh)
     q, k = zero_channel(q, ch), zero_channel(k, ch)
     positions = _positions(segments) if packed else jnp.broadcast_to(jnp.arange(T), (B, T))
     rope = Rope(tiny_config(head_dim=Dh))
-    got = dmc_core(q, k, v, alpha, alpha * 20 - 10, omega, positions, segments, rope, ch, dmc)
+    got = _dmc_core(q, k, v, alpha, alpha * 20 - 10, omega, positions, segments, rope, ch, dmc)
     want, _ = sequential_dmc(q, k, v, alpha, omega, rope, ch, window, segments, zero_after_rope)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
