@@ -15,6 +15,7 @@ from dmc_jax.model import llama
 from dmc_jax.model.config import tiny_config
 from dmc_jax.model.layers import Rope
 from dmc_jax.model.params import init_params
+from tests import jitted
 
 
 def _positions(segment_ids_BT):
@@ -27,7 +28,9 @@ def _positions(segment_ids_BT):
     return jnp.asarray(pos, jnp.int32)
 
 
-_dmc_core = jax.jit(dmc_core, static_argnums=(8, 9, 10))  # one program per example, not one per operation
+# Jitted: one program per call's shapes, not one per operation (eager, a 1024-token scan compiles ~400 programs).
+_dmc_core = jax.jit(dmc_core, static_argnums=(8, 9, 10))
+_accumulate = jax.jit(accumulate, static_argnums=3)
 
 
 @settings(max_examples=12, deadline=None)
@@ -59,10 +62,10 @@ def test_windowed_and_unbounded_accumulation_agree_when_runs_fit_the_window():
     alpha = jnp.array([[0, 1, 1, 0, 1, 0, 1, 1]], jnp.float32)[..., None]
     omega = jnp.linspace(0.1, 1.0, 8)[None, :, None]
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 1, 4))
-    (unbounded,) = accumulate(alpha, omega, (x,), None)
-    (windowed,) = accumulate(alpha, omega, (x,), 3)
+    (unbounded,) = _accumulate(alpha, omega, (x,), None)
+    (windowed,) = _accumulate(alpha, omega, (x,), 3)
     np.testing.assert_allclose(unbounded, windowed, atol=1e-6)
-    (short,) = accumulate(alpha, omega, (x,), 2)  # the run 5..7 is longer than 2: only the last 2 count
+    (short,) = _accumulate(alpha, omega, (x,), 2)  # the run 5..7 is longer than 2: only the last 2 count
     np.testing.assert_allclose(short[0, 7], (omega[0, 6] * x[0, 6] + omega[0, 7] * x[0, 7]) / (omega[0, 6] + omega[0, 7]),
                                atol=1e-6)
 
@@ -79,8 +82,8 @@ def test_all_append_dmc_equals_vanilla_exactly():
     cfg, params, tokens = _dmc_model()
     for window in (None, 12):
         dmc = DMCConfig(mode="append", window=window, zero_after_rope=False)
-        dmc_logits, aux = llama.forward_aux(params, tokens, cfg, attention=DMCAttention(dmc))
-        np.testing.assert_array_equal(np.asarray(dmc_logits), np.asarray(llama.forward(params, tokens, cfg)))
+        dmc_logits, aux = jitted.forward_aux(params, tokens, cfg=cfg, attention=DMCAttention(dmc))
+        np.testing.assert_array_equal(np.asarray(dmc_logits), np.asarray(jitted.forward(params, tokens, cfg=cfg)))
         assert float(jnp.max(aux["alpha_st_BTK"])) == 0.0
 
 
@@ -94,15 +97,15 @@ def test_gradients_reach_the_decision_and_importance_channels():
                                         rng=jax.random.PRNGKey(3))
         return jnp.mean(jax.nn.logsumexp(logits, -1)) + jnp.mean(aux["alpha_st_BTK"])
 
-    g = jax.grad(loss)(params)["layers"]
+    g = jax.jit(jax.grad(loss))(params)["layers"]
     assert float(jnp.abs(g["k"][..., -1]).sum()) > 0  # decision channel of W_k
     assert float(jnp.abs(g["q"][..., -1]).sum()) > 0  # importance channel of W_q
 
 
 def test_train_mode_noise_changes_decisions_and_hard_mode_is_deterministic():
     cfg, params, tokens = _dmc_model()
-    run = lambda mode, seed: llama.forward_aux(params, tokens, cfg, attention=DMCAttention(DMCConfig(mode=mode)),
-                                               rng=jax.random.PRNGKey(seed))[1]["alpha_BTK"]
+    run = lambda mode, seed: jitted.forward_aux(params, tokens, cfg=cfg, attention=DMCAttention(DMCConfig(mode=mode)),
+                                                rng=jax.random.PRNGKey(seed))[1]["alpha_BTK"]
     assert not np.array_equal(run("train", 0), run("train", 1))
     np.testing.assert_array_equal(run("hard", 0), run("hard", 1))
 
@@ -114,7 +117,7 @@ def test_windowed_accumulation_stays_accurate_over_long_runs():
     alpha[0, 0] = 0
     omega = rng.uniform(0.01, 1.0, size=(1, T, 1)).astype(np.float32)
     x = rng.normal(size=(1, T, 1, 4)).astype(np.float32)
-    (got,) = accumulate(jnp.asarray(alpha), jnp.asarray(omega), (jnp.asarray(x),), w)
+    (got,) = _accumulate(jnp.asarray(alpha), jnp.asarray(omega), (jnp.asarray(x),), w)
     want = np.zeros_like(x, dtype=np.float64)
     start = 0
     for t in range(T):
