@@ -18,7 +18,8 @@ from dmc_jax.errors import UserError
 from dmc_jax.training import distributed, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+CPU8 = dict(os.environ, JAX_PLATFORMS="cpu",
+            XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 
 
 def _config(**fields):

@@ -15,6 +15,7 @@ from dmc_jax.model import llama
 from dmc_jax.model.config import tiny_config
 from dmc_jax.model.layers import Rope
 from dmc_jax.model.params import init_params
+from tests import jitted
 
 
 def _positions(segment_ids_BT):
@@ -27,29 +28,32 @@ def _positions(segment_ids_BT):
     return jnp.asarray(pos, jnp.int32)
 
 
+# Jitted: one program per call's shapes, not one per operation (eager, a 1024-token scan compiles ~400 programs).
+_dmc_core = jax.jit(dmc_core, static_argnums=(8, 9, 10))
+_accumulate = jax.jit(accumulate, static_argnums=3)
+
+
 @settings(max_examples=12, deadline=None)
 @given(B=st.integers(1, 2), T=st.sampled_from([1, 7, 12]), K=st.sampled_from([1, 2]), G=st.sampled_from([1, 3]),
        window=st.sampled_from([None, 1, 2, 5]), p_merge=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
        packed=st.booleans(), zero_after_rope=st.booleans(), seed=st.integers(0, 2**16))
 def test_parallel_hard_form_equals_sequential_reference(B, T, K, G, window, p_merge, packed, zero_after_rope, seed):
     Dh, H = 8, K * G
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = jax.random.normal(keys[0], (B, T, H, Dh))
-    k = jax.random.normal(keys[1], (B, T, K, Dh))
-    v = jax.random.normal(keys[2], (B, T, K, Dh))
-    omega = jax.random.uniform(keys[3], (B, T, K), minval=0.01, maxval=1.0)
+    rng = np.random.default_rng(seed)  # numpy draws: jax.random would compile anew for every example's shapes
+    q, k, v = (jnp.asarray(rng.normal(size=(B, T, n, Dh)), jnp.float32) for n in (H, K, K))
+    omega = jnp.asarray(rng.uniform(0.01, 1.0, (B, T, K)), jnp.float32)
     segments = None
     if packed:
-        segments = jnp.asarray(np.sort(np.random.default_rng(seed).integers(1, 3, (B, T)), axis=1), jnp.int32)
+        segments = jnp.asarray(np.sort(rng.integers(1, 3, (B, T)), axis=1), jnp.int32)
     starts = sequence_starts(B, T, segments)
-    alpha = (jax.random.uniform(keys[4], (B, T, K)) < p_merge).astype(jnp.float32)
+    alpha = jnp.asarray(rng.uniform(size=(B, T, K)) < p_merge, jnp.float32)
     alpha = jnp.where(starts[..., None], 0.0, alpha)
     dmc = DMCConfig(window=window, mode="hard", zero_after_rope=zero_after_rope)
     ch = dmc.channel(Dh)
     q, k = zero_channel(q, ch), zero_channel(k, ch)
     positions = _positions(segments) if packed else jnp.broadcast_to(jnp.arange(T), (B, T))
     rope = Rope(tiny_config(head_dim=Dh))
-    got = dmc_core(q, k, v, alpha, alpha * 20 - 10, omega, positions, segments, rope, ch, dmc)
+    got = _dmc_core(q, k, v, alpha, alpha * 20 - 10, omega, positions, segments, rope, ch, dmc)
     want, _ = sequential_dmc(q, k, v, alpha, omega, rope, ch, window, segments, zero_after_rope)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=2e-5)
 
@@ -58,10 +62,10 @@ def test_windowed_and_unbounded_accumulation_agree_when_runs_fit_the_window():
     alpha = jnp.array([[0, 1, 1, 0, 1, 0, 1, 1]], jnp.float32)[..., None]
     omega = jnp.linspace(0.1, 1.0, 8)[None, :, None]
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 1, 4))
-    (unbounded,) = accumulate(alpha, omega, (x,), None)
-    (windowed,) = accumulate(alpha, omega, (x,), 3)
+    (unbounded,) = _accumulate(alpha, omega, (x,), None)
+    (windowed,) = _accumulate(alpha, omega, (x,), 3)
     np.testing.assert_allclose(unbounded, windowed, atol=1e-6)
-    (short,) = accumulate(alpha, omega, (x,), 2)  # the run 5..7 is longer than 2: only the last 2 count
+    (short,) = _accumulate(alpha, omega, (x,), 2)  # the run 5..7 is longer than 2: only the last 2 count
     np.testing.assert_allclose(short[0, 7], (omega[0, 6] * x[0, 6] + omega[0, 7] * x[0, 7]) / (omega[0, 6] + omega[0, 7]),
                                atol=1e-6)
 
@@ -78,8 +82,8 @@ def test_all_append_dmc_equals_vanilla_exactly():
     cfg, params, tokens = _dmc_model()
     for window in (None, 12):
         dmc = DMCConfig(mode="append", window=window, zero_after_rope=False)
-        dmc_logits, aux = llama.forward_aux(params, tokens, cfg, attention=DMCAttention(dmc))
-        np.testing.assert_array_equal(np.asarray(dmc_logits), np.asarray(llama.forward(params, tokens, cfg)))
+        dmc_logits, aux = jitted.forward_aux(params, tokens, cfg=cfg, attention=DMCAttention(dmc))
+        np.testing.assert_array_equal(np.asarray(dmc_logits), np.asarray(jitted.forward(params, tokens, cfg=cfg)))
         assert float(jnp.max(aux["alpha_st_BTK"])) == 0.0
 
 
@@ -93,15 +97,15 @@ def test_gradients_reach_the_decision_and_importance_channels():
                                         rng=jax.random.PRNGKey(3))
         return jnp.mean(jax.nn.logsumexp(logits, -1)) + jnp.mean(aux["alpha_st_BTK"])
 
-    g = jax.grad(loss)(params)["layers"]
+    g = jax.jit(jax.grad(loss))(params)["layers"]
     assert float(jnp.abs(g["k"][..., -1]).sum()) > 0  # decision channel of W_k
     assert float(jnp.abs(g["q"][..., -1]).sum()) > 0  # importance channel of W_q
 
 
 def test_train_mode_noise_changes_decisions_and_hard_mode_is_deterministic():
     cfg, params, tokens = _dmc_model()
-    run = lambda mode, seed: llama.forward_aux(params, tokens, cfg, attention=DMCAttention(DMCConfig(mode=mode)),
-                                               rng=jax.random.PRNGKey(seed))[1]["alpha_BTK"]
+    run = lambda mode, seed: jitted.forward_aux(params, tokens, cfg=cfg, attention=DMCAttention(DMCConfig(mode=mode)),
+                                                rng=jax.random.PRNGKey(seed))[1]["alpha_BTK"]
     assert not np.array_equal(run("train", 0), run("train", 1))
     np.testing.assert_array_equal(run("hard", 0), run("hard", 1))
 
@@ -113,7 +117,7 @@ def test_windowed_accumulation_stays_accurate_over_long_runs():
     alpha[0, 0] = 0
     omega = rng.uniform(0.01, 1.0, size=(1, T, 1)).astype(np.float32)
     x = rng.normal(size=(1, T, 1, 4)).astype(np.float32)
-    (got,) = accumulate(jnp.asarray(alpha), jnp.asarray(omega), (jnp.asarray(x),), w)
+    (got,) = _accumulate(jnp.asarray(alpha), jnp.asarray(omega), (jnp.asarray(x),), w)
     want = np.zeros_like(x, dtype=np.float64)
     start = 0
     for t in range(T):

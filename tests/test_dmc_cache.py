@@ -14,6 +14,7 @@ from dmc_jax.inference.generate import GenerateConfig, generate
 from dmc_jax.model import llama
 from dmc_jax.model.config import tiny_config
 from dmc_jax.model.params import init_params
+from tests import jitted
 
 
 def _model(kv_heads=2, layers=2, decision_scale=1.0, seed=0):
@@ -28,11 +29,11 @@ def _cached_logits(cfg, params, method, tokens_BT, lengths_B, steps):
     """Prefill prompts of lengths_B, then feed tokens_BT[b, lengths_B[b] + i]; logits after every token."""
     state = method.init(cfg, tokens_BT.shape[0], int(lengths_B.max()) + steps)
     prompt_BT = jnp.where(jnp.arange(tokens_BT.shape[1])[None] < lengths_B[:, None], tokens_BT, 0)
-    logits_BV, state = llama.prefill(params, prompt_BT, lengths_B, state, method, cfg)
+    logits_BV, state = jitted.prefill(params, prompt_BT, lengths_B, state, method=method, cfg=cfg)
     out, batch = [logits_BV], jnp.arange(tokens_BT.shape[0])
     for i in range(steps):
         pos_B = lengths_B + i
-        logits_BV, state = llama.decode_step(params, tokens_BT[batch, pos_B], pos_B, state, method, cfg)
+        logits_BV, state = jitted.decode_step(params, tokens_BT[batch, pos_B], pos_B, state, method=method, cfg=cfg)
         out.append(logits_BV)
     return out, state
 
@@ -47,7 +48,7 @@ def test_cache_equals_parallel_form_and_oracle(kv_heads, window, scale, lengths,
     steps = 5
     T = max(lengths) + steps
     tokens_BT = jax.random.randint(jax.random.PRNGKey(seed + 1), (len(lengths), T), 0, cfg.vocab_size)
-    parallel_BTV, _ = llama.forward_aux(params, tokens_BT, cfg, attention=DMCAttention(dmc))
+    parallel_BTV, _ = jitted.forward_aux(params, tokens_BT, cfg=cfg, attention=DMCAttention(dmc))
     lengths_B = jnp.asarray(lengths, jnp.int32)
     cached, _ = _cached_logits(cfg, params, DMCPaddedCache(dmc), tokens_BT, lengths_B, steps)
     for i, logits_BV in enumerate(cached):
@@ -55,7 +56,7 @@ def test_cache_equals_parallel_form_and_oracle(kv_heads, window, scale, lengths,
         np.testing.assert_allclose(logits_BV, parallel_BTV[jnp.arange(len(lengths)), pos_B], atol=1e-4, rtol=1e-4)
         if i in (0, steps):  # the no-cache oracle: the whole prefix recomputed in the parallel form
             p = int(pos_B[0])
-            oracle, _ = llama.forward_aux(params, tokens_BT[:1, :p + 1], cfg, attention=DMCAttention(dmc))
+            oracle, _ = jitted.forward_aux(params, tokens_BT[:1, :p + 1], cfg=cfg, attention=DMCAttention(dmc))
             np.testing.assert_allclose(logits_BV[0], oracle[0, -1], atol=1e-4, rtol=1e-4)
 
 

@@ -10,6 +10,7 @@ from dmc_jax.model import llama
 from dmc_jax.model.config import RopeScaling, tiny_config
 from dmc_jax.model.layers import apply_rope, rope_inv_freq
 from dmc_jax.model.params import check_params, init_params, logical_axes
+from tests import jitted
 
 
 def _decode_through_cache(params, cfg, tokens_BT, lengths_B, steps):
@@ -17,12 +18,13 @@ def _decode_through_cache(params, cfg, tokens_BT, lengths_B, steps):
     method = DenseCache()
     state = method.init(cfg, tokens_BT.shape[0], tokens_BT.shape[1] + steps)
     prompt_BT = jnp.where(jnp.arange(tokens_BT.shape[1])[None] < lengths_B[:, None], tokens_BT, 0)
-    logits_BV, state = llama.prefill(params, prompt_BT, lengths_B, state, method, cfg)
+    logits_BV, state = jitted.prefill(params, prompt_BT, lengths_B, state, method=method, cfg=cfg)
     out = [logits_BV]
     batch = jnp.arange(tokens_BT.shape[0])
     for i in range(steps):
         positions_B = lengths_B + i
-        logits_BV, state = llama.decode_step(params, tokens_BT[batch, positions_B], positions_B, state, method, cfg)
+        logits_BV, state = jitted.decode_step(params, tokens_BT[batch, positions_B], positions_B, state, method=method,
+                                             cfg=cfg)
         out.append(logits_BV)
     return out
 
@@ -36,7 +38,7 @@ def test_cached_decode_equals_full_forward(kv_heads, layers, tied, lengths, seed
     steps = 4
     T = max(lengths) + steps
     tokens_BT = jax.random.randint(jax.random.PRNGKey(seed + 1), (len(lengths), T), 0, cfg.vocab_size)
-    full_BTV = llama.forward(params, tokens_BT, cfg)
+    full_BTV = jitted.forward(params, tokens_BT, cfg=cfg)
     lengths_B = jnp.asarray(lengths, jnp.int32)
     for i, logits_BV in enumerate(_decode_through_cache(params, cfg, tokens_BT, lengths_B, steps)):
         want_BV = full_BTV[jnp.arange(len(lengths)), lengths_B - 1 + i]

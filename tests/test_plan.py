@@ -80,7 +80,8 @@ def test_analytic_numbers_match_the_compiled_memory_analysis_of_scaled_down_mode
     cases = [dict(mesh=(1, 4, 2), remat="none", objective="lm"),
              dict(mesh=(2, 2, 2), remat="full", objective="dmc", grad_accum=2),
              dict(mesh=(1, 4, 2), remat="full", objective="dmc", dtype="bfloat16")]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", COMPARE % json.dumps(cases)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
