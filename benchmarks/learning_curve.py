@@ -60,8 +60,12 @@ def main(argv=None) -> int:
     extra, meta = [], {}
     for run in runs:
         name = os.path.basename(os.path.normpath(run))
+        found = exports(run) if os.path.isdir(run) else []
+        if not found:
+            print(f"{run}: no model<step> export yet; skipped", flush=True)
+            continue
         per_step = tokens_per_step(run)
-        for step, path in exports(run):
+        for step, path in found:
             label = f"{name}@{step}"
             extra.append(f"{label}|{path}|auto")
             meta[label] = {"run": name, "step": step, "tokens": step * per_step}
