@@ -28,8 +28,11 @@ def test_exporter_still_writes_the_checkpoint_transformers_read(tmp_path):
     ours = load_file(str(tmp_path / "out" / "model.safetensors"))
     theirs = load_file(os.path.join(committed, "model.safetensors"))
     assert sorted(ours) == sorted(theirs)
-    for name in ours:
-        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    for name in ours:  # the parameters are drawn by jax.random, whose transcendental functions may differ in the
+        # last bit between compiler settings (the tests compile without LLVM optimizations: conftest.py); an
+        # exporter change (a transpose, a permutation, a dtype) moves values far more than 1e-6
+        assert ours[name].dtype == theirs[name].dtype and ours[name].shape == theirs[name].shape, name
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_transformers_logits_on_our_export_match_ours():
