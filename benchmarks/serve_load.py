@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py [--source tiny] [--requests 32] [--prompt-chars 2048]
         [--max-tokens 256] [--gen-tokens 128] [--dense-rows 4] [--cr 4] [--methods dense,dmc_forced,h2o]
-        [--time-limit 300] [--json runs/serve_load.json]
+        [--extra 'label|model dir|cache method' ...] [--time-limit 300] [--json runs/serve_load.json]
 
 For each method the script starts `python -m dmc_jax.main --config configs/smollm2.py --config.task=serve` on
 127.0.0.1 (a free port) with serve.cache_mb = the bytes a dense cache needs for --dense-rows sequences of
@@ -17,8 +17,10 @@ first token p50/p95 (client side: send -> first streamed text), the peak number 
 Methods: dense; h2o (cache.budget = max_tokens / cr); dmc_forced: the paged DMC cache whose decisions are forced
 to CR c (the token at position t appends iff t % c == 0; the key's decision channel is overwritten before the
 cache reads it, as benchmarks/dmc_decode.py does), a benchmark-only method this script registers in the server
-process (`--serve`); rows are sized for target_cr = c. A retrofitted model directory brings its own method: pass
---source <dir> --methods auto.
+process (`--serve`); rows are sized for target_cr = c. A retrofitted or distilled model directory (DMC, DMS)
+joins the same run at the same cache budget with --extra 'label|<dir>|<method>' (repeatable; method 'auto' = the
+directory's own, e.g. a DMS model is served with dms_paged): its server loads <dir> instead of --source. Or
+pass --source <dir> --methods auto to serve only that directory.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import statistics
@@ -140,15 +143,42 @@ def _metrics(url: str) -> dict:
     return out
 
 
-def run_method(method: str, args, cache_mib: float, prompts: list) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """One server of the run: its row label, cache method ('auto': the model directory's) and model source."""
+
+    label: str
+    method: str
+    source: str
+
+
+def parse_extra(value: str) -> Server:
+    """--extra 'label|model dir|cache method' -> Server; ValueError (one line) when it is not that."""
+    parts = [x.strip() for x in value.split("|")]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"--extra {value!r} must be 'label|model dir|cache method' (three non-empty fields)")
+    label, source, method = parts
+    if not os.path.isfile(os.path.join(os.path.expanduser(source), "config.json")):
+        raise ValueError(f"--extra {value!r}: {source} is not a model directory (no config.json)")
+    from dmc_jax.cache import registry
+
+    if method != registry.AUTO and method not in registry.names():
+        raise ValueError(f"--extra {value!r}: unknown cache method {method!r}; one of "
+                         f"{', '.join((registry.AUTO,) + registry.names())}")
+    return Server(label, method, os.path.expanduser(source))
+
+
+def run_method(server: Server, args, cache_mib: float, prompts: list) -> dict:
     import httpx
 
+    method, label = server.method, server.label
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)  # the label as a file name
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    overrides = [f"--config.model.source={args.source}", "--config.model.max_seq_len=0",
+    overrides = [f"--config.model.source={server.source}", "--config.model.max_seq_len=0",
                  f"--config.serve.port={port}", f"--config.serve.cache_mb={cache_mib}",
                  f"--config.serve.max_tokens={args.max_tokens}", "--config.serve.model_name=bench",
-                 f"--config.output_dir={args.run_dir}/{method}"]
+                 f"--config.output_dir={args.run_dir}/{name}"]
     if method != "auto":
         overrides.append(f"--config.cache.method={method}")
     if method == "dmc_forced":
@@ -156,7 +186,7 @@ def run_method(method: str, args, cache_mib: float, prompts: list) -> dict:
                       f"--config.cache.dmc_forced.target_cr={float(args.cr)}"]
     if method in ("h2o", "tova", "streaming_llm", "snapkv"):
         overrides.append(f"--config.cache.budget={args.max_tokens // args.cr}")
-    log = open(f"{args.run_dir}/{method}.log", "w")
+    log = open(f"{args.run_dir}/{name}.log", "w")
     proc = subprocess.Popen([sys.executable, __file__, "--serve", *overrides], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
@@ -168,7 +198,7 @@ def run_method(method: str, args, cache_mib: float, prompts: list) -> dict:
             except httpx.HTTPError:
                 time.sleep(0.5)
         if proc.poll() is not None:
-            raise SystemExit(f"the {method} server exited; see {args.run_dir}/{method}.log")
+            raise SystemExit(f"the {label} server exited; see {args.run_dir}/{name}.log")
         warm = _one(url, prompts[-1], 4, deadline)  # compiles the prompt bucket; not counted
         before = _metrics(url)
         t0 = time.perf_counter()
@@ -186,7 +216,8 @@ def run_method(method: str, args, cache_mib: float, prompts: list) -> dict:
     wall = max(r["end"] for r in results) - t0
     ttft = sorted(r["ttft"] for r in done if r["ttft"] is not None)
     q = lambda p: ttft[min(len(ttft) - 1, int(p * len(ttft)))] if ttft else None
-    return {"method": method, "requests": len(results), "completed": len(done), "wall_seconds": wall,
+    return {"method": label, "cache_method": method, "source": server.source, "requests": len(results),
+            "completed": len(done), "wall_seconds": wall,
             "requests_per_second": len(done) / wall, "output_tokens_per_second":
                 sum(r["completion_tokens"] for r in done) / wall,
             "ttft_p50_seconds": q(0.5), "ttft_p95_seconds": q(0.95),
@@ -204,7 +235,10 @@ def main() -> int:
         return dmc_main(["--config", CONFIG, "--config.task=serve", *sys.argv[2:]])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", default="tiny")
-    p.add_argument("--methods", default="dense,dmc_forced,h2o")
+    p.add_argument("--methods", default="dense,dmc_forced,h2o", help="methods of --source ('' = none)")
+    p.add_argument("--extra", action="append", default=[], metavar="'LABEL|DIR|METHOD'",
+                   help="also serve model directory DIR with cache method METHOD (auto: its own) at the same cache "
+                        "budget, reported as LABEL (repeatable)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt-chars", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=2560, help="serve.max_tokens: tokens per sequence")
@@ -214,11 +248,22 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per method (start + load)")
     p.add_argument("--json", default="runs/serve_load.json")
     args = p.parse_args()
+    try:
+        servers = [Server(m, m, args.source) for m in args.methods.split(",") if m.strip()]
+        servers += [parse_extra(e) for e in args.extra]
+    except ValueError as e:
+        print(f"serve_load.py: error: {e}", file=sys.stderr)
+        return 2
+    labels = [s.label for s in servers]
+    if not servers or len(set(labels)) != len(labels):
+        print(f"serve_load.py: error: the servers' labels must be distinct and at least one; got {labels}",
+              file=sys.stderr)
+        return 2
     args.run_dir = str(ROOT / "runs" / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(args.run_dir, exist_ok=True)
     cache_mib = _dense_mib(args.source, args.max_tokens, args.dense_rows)
     prompts = _prompts(args.requests, args.prompt_chars)
-    rows = [run_method(m, args, cache_mib, prompts) for m in args.methods.split(",")]
+    rows = [run_method(server, args, cache_mib, prompts) for server in servers]
     out = {"source": args.source, "cache_mib": cache_mib, "dense_rows": args.dense_rows, "max_tokens": args.max_tokens,
            "requests": args.requests, "prompt_chars": args.prompt_chars, "gen_tokens": args.gen_tokens, "cr": args.cr,
            "machine": "CPU, shared with other jobs (timings are not from a quiet machine)", "methods": rows}

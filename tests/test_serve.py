@@ -44,11 +44,11 @@ def _config(*overrides):
 
 
 class Server:
-    """A server of `config` in a thread of this process."""
+    """A server of `config` in a thread of this process (`model`: already loaded, else config.model.source's)."""
 
-    def __init__(self, config):
+    def __init__(self, config, model=None):
         self.config = config
-        self.model = common.load_model(config)
+        self.model = model or common.load_model(config)
         self.engine, self.server, self.info = serve.build(config, self.model)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -5,11 +5,12 @@ queued requests into free rows (one prefill each, prompts padded to buckets b, 1
 decode step over every row (steps.py). Requests wait in a FIFO queue while no row is free; nothing fails because
 the server is busy.
 
-A paged method (the DMC pool) also admits by pages: a prompt is admitted when the pool keeps, after its expected
-pages, one page per (layer, KV head) of every active row (the most one decode step can take). Before each step the
-same reserve is checked; when the rows outgrow the pool the youngest row is preempted: its pages go back and its
-request returns to the head of the queue with its tokens so far, to be prefilled again (the vLLM policy). A prompt
-that finds fewer pages than it needs is rolled back the same way. The pool therefore never overflows.
+A paged method (the DMC or DMS pool) also admits by pages: a prompt is admitted when the pool keeps, after its
+expected pages (Sizing.expected_pages), one page per (layer, KV head) of every active row (the most one decode step
+can take: a DMC or DMS step adds at most one token per head). Before each step the same reserve is checked; when
+the rows outgrow the pool the youngest row is preempted: its pages go back and its request returns to the head of
+the queue with its tokens so far, to be prefilled again (the vLLM policy). A prompt that finds fewer pages than it
+needs is rolled back the same way. The pool therefore never overflows.
 
 Each row has its own sampling parameters (arrays: nothing recompiles per request) and its own random key
 (seed, token index), so a row's tokens never depend on what else is in the batch.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import math
 import random
 import threading
 import time
@@ -225,8 +225,7 @@ class Engine:
 
     def _pages_for(self, tokens: int) -> bool:
         s = self.sizing
-        need = s.heads * math.ceil(tokens / (s.expected_cr * self.method.page_size))
-        return self.pages_free - s.heads * (len(self.active) + 1) >= need
+        return self.pages_free - s.heads * (len(self.active) + 1) >= s.expected_pages(tokens)
 
     def _reserve_pages(self) -> None:
         """Paged: preempts the youngest rows until one step of every active row's heads surely finds a page."""

@@ -1,11 +1,13 @@
 """How many sequences (rows) and, for a paged method, how many pool pages fit in the serving memory budget.
 
 A method's bytes come from the shapes its `init` would allocate (jax.eval_shape: nothing is allocated here). A
-method whose state has shared leaves and a `pages` field (the paged DMC cache) keeps a pool: its rows are sized for
-the method's expected compression (target_cr; 1 when unknown) and the pool takes the rest of the budget, so at CR c
-about c times as many rows fit as with the dense cache. Every other method takes a fixed slice of the budget per
-row. The pool always holds at least one uncompressed sequence plus one decode step of every head, so a request
-admitted alone always completes.
+method whose state has shared leaves and a `pages` field (the paged DMC and DMS caches) keeps a pool: its rows are
+sized for the method's expected compression (target_cr; 1 when unknown) and the pool takes the rest of the budget,
+so at CR c about c times as many rows fit as with the dense cache. A head of a DMS cache keeps its last w + 1
+tokens whatever its CR (a marked token stays visible for w more steps), so it is expected to keep
+w + 1 + (t - w - 1) / c of t tokens. Every other method takes a fixed slice of the budget per row. The pool always
+holds at least one uncompressed sequence plus one decode step of every head, so a request admitted alone always
+completes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ class Sizing:
     pages: int = 0             # pool pages (0: not a paged method)
     heads: int = 0             # layers x KV heads: pages one decode step of one row may take at most
     expected_cr: float = 1.0   # the CR rows were sized for (paged)
+    always_kept: int = 0       # tokens a head keeps whatever its CR (DMS: its window w + 1; paged)
+    page_size: int = 1         # slots per page (paged)
+
+    def expected_pages(self, tokens: int) -> int:
+        """Pool pages a sequence of `tokens` tokens is expected to hold at expected_cr (every head, rounded up)."""
+        uncompressed = min(tokens, self.always_kept)
+        kept = uncompressed + (tokens - uncompressed) / self.expected_cr
+        return self.heads * math.ceil(kept / self.page_size)
 
 
 def _bytes(method, cfg: ModelConfig, batch: int, max_tokens: int) -> dict:
@@ -44,6 +54,12 @@ def _bytes(method, cfg: ModelConfig, batch: int, max_tokens: int) -> dict:
 def is_paged(method) -> bool:
     return bool(getattr(method, "layout", None) and method.layout.shared) and hasattr(method, "pages") \
         and hasattr(method, "page_size")
+
+
+def always_kept(method) -> int:
+    """Tokens each head of `method` keeps whatever the CR: a DMS cache's last w + 1 (its eviction window); else 0."""
+    dms = getattr(method, "dms", None)
+    return int(dms.window) + 1 if dms is not None and hasattr(dms, "window") else 0
 
 
 def size(method, cfg: ModelConfig, cache_mb: float, max_tokens: int, max_rows: int = 0) -> Sizing:
@@ -74,7 +90,9 @@ def _size_paged(method, cfg: ModelConfig, budget: int, max_tokens: int, max_rows
     heads = cfg.num_layers * cfg.num_kv_heads
     worst = heads * math.ceil(max_tokens / N) + heads  # one uncompressed sequence and one step of reserve
     cr = float(getattr(method, "target_cr", 0.0) or 1.0)
-    expected = heads * math.ceil(max_tokens / (cr * N)) + heads  # + the step reserve the engine keeps per row
+    sizing = Sizing(method, 0, max_tokens, 0, heads=heads, expected_cr=cr, always_kept=always_kept(method),
+                    page_size=N)
+    expected = sizing.expected_pages(max_tokens) + heads  # + the step reserve the engine keeps per row
     rows = max_rows or max(1, (budget - fixed - heads * page_bytes) // (per_row + expected * page_bytes))
     pages = (budget - fixed - rows * per_row) // page_bytes
     while not max_rows and rows > 1 and pages < worst:  # derived rows: fewer, so a lone sequence always fits
@@ -87,4 +105,4 @@ def _size_paged(method, cfg: ModelConfig, budget: int, max_tokens: int, max_rows
                         f"serve.max_rows")
     sized = dataclasses.replace(method, pages=int(pages))
     total = sum(_bytes(sized, cfg, rows, max_tokens).values())
-    return Sizing(sized, int(rows), max_tokens, total, pages=int(pages), heads=heads, expected_cr=cr)
+    return dataclasses.replace(sizing, method=sized, rows=int(rows), bytes=total, pages=int(pages))

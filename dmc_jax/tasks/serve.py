@@ -4,7 +4,10 @@
         [--config.model.source=<model dir>] [--config.cache.method=...] [--config.serve.cache_mb=512]
 
 The cache gets serve.cache_mb MiB: the engine derives how many sequences of serve.max_tokens tokens decode at once
-(and, for the paged DMC cache, the pool's pages). Ctrl-C stops the server; results.json summarises what it served.
+(and, for a paged cache, the pool's pages). With cache.method=auto a model directory whose method has a paged
+variant for the same trained section is served with it (a DMS model, method 'dms', with dms_paged): the engine
+admits by pages and sizes its rows for the model's CR. Ctrl-C stops the server; results.json summarises what it
+served.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import time
 
 import ml_collections
 
-from dmc_jax.cache import model_method
+from dmc_jax.cache import model_method, registry
 from dmc_jax.errors import UserError
-from dmc_jax.serving.sizing import MIB, size
+from dmc_jax.serving.sizing import MIB, is_paged, size
 
 
 def model_name(config: ml_collections.ConfigDict) -> str:
@@ -37,7 +40,7 @@ def build(config: ml_collections.ConfigDict, model, warm: bool = True):
         raise UserError(f"serve.max_tokens={max_tokens} exceeds model.max_seq_len={model.cfg.max_seq_len}; lower it "
                         f"(0 = model.max_seq_len)")
     _check_port(s.host, s.port)
-    sizing = size(model_method.make(config), model.cfg, s.cache_mb, max_tokens, s.max_rows)
+    sizing = size(serving_method(config), model.cfg, s.cache_mb, max_tokens, s.max_rows)
     engine = Engine(model.params, model.cfg, model.tokenizer, sizing, s.min_prompt_bucket, config.get("seed", 0))
     engine.start(warm=warm)
     name = model_name(config)
@@ -46,6 +49,23 @@ def build(config: ml_collections.ConfigDict, model, warm: bool = True):
     info = {"model": name, "cache_method": sizing.method.name, "rows": sizing.rows, "pages": sizing.pages,
             "max_tokens": max_tokens, "cache_mib": sizing.bytes / MIB, "url": f"http://{s.host}:{s.port}/v1"}
     return engine, server, info
+
+
+def serving_method(config: ml_collections.ConfigDict):
+    """The run's cache method; for cache.method=auto, a method that is not paged gives way to the first registered
+    paged method trained for the same section (dms -> dms_paged), built from the same model directory."""
+    resolved = model_method.resolve(config)
+    method = resolved.make()
+    if config.cache.get("method", registry.AUTO) != registry.AUTO or is_paged(method):
+        return method
+    trained = registry.get(resolved.name).trained
+    for name in registry.names():
+        spec = registry.get(name)
+        if trained is not None and spec.trained is not None and spec.trained.section == trained.section:
+            paged = model_method.resolve(config, name).make()
+            if is_paged(paged):
+                return paged
+    return method
 
 
 def _check_port(host: str, port: int) -> None:
