@@ -142,12 +142,16 @@ def _plot(curve: dict, path: str) -> None:
         ax_key.plot(x, [p["passkey_acc"] for p in points], "o-", label=name)
     colors = {}
     for b in curve["baselines"]:
-        label = b["method"] if b["method"] == "dense" else f"{b['method']} CR {b['ratio']:g}"
+        label = (b["method"] if b["method"] == "dense" else f"{b['method']} (adaptive)" if b["ratio"] is None
+                 else f"{b['method']} CR {b['ratio']:g}")
         color = "grey" if b["method"] == "dense" else colors.setdefault(b["method"], f"C{len(colors) + 2}")
         style = "-" if b["method"] == "dense" else ("--" if (b["ratio"] or 1) <= 4 else ":")
         for ax, key in ((ax_ppl, "ppl"), (ax_key, "passkey_acc")):
             if b[key] is not None:
                 ax.axhline(b[key], lw=0.9, ls=style, color=color, label=label)
+    tops = [p["ppl"] for points in curve["runs"].values() for p in points if p["ppl"] is not None]
+    if tops:  # a baseline far off the runs' scale (SnapKV's decoded perplexity) is left above the plot
+        ax_ppl.set_ylim(top=max(tops) * 1.15)
     ax_ppl.set(xlabel="training tokens", ylabel="decoded perplexity (512 tokens)", title="quality through the cache")
     ax_key.set(xlabel="training tokens", ylabel="passkey accuracy (512 tokens)", title="passkey retrieval")
     ax_ppl.legend(fontsize=7)
