@@ -202,3 +202,16 @@ def test_passkey_in_chunks_equals_all_prompts_at_once():
     whole, chunks = run(0), run(4)  # 6 prompts: chunks of 4, the last one padded
     assert [c.answers for c in chunks] == [c.answers for c in whole]
     assert [(c.length, c.depth, c.trials) for c in chunks] == [(200, 0.2, 3), (200, 0.8, 3)]
+
+
+def test_a_target_cr_the_user_sets_sizes_a_trained_models_cache_in_compare():
+    from dmc_jax.cache import registry
+    from dmc_jax.dms.objective import default_config as dms_section
+    from dmc_jax.evaluation.compare_grid import method_factory
+
+    hparams = dms_section()
+    hparams.update(window=4, target_cr=10.0)
+    section = registry.default_config()
+    assert method_factory(section, "dms_paged", None, hparams)(64).target_cr == 10.0  # the model's own CR
+    section.dms_paged.target_cr = 12.0
+    assert method_factory(section, "dms_paged", None, hparams)(64).target_cr == 12.0  # the user's wins

@@ -62,14 +62,16 @@ def budget(method: str, ratio: Optional[float], context: int) -> Optional[int]:
 
 def method_factory(cache_section, method: str, ratio: Optional[float], hparams=None):
     """length -> the cache method of a row: budget = ceil(length / ratio) for a budgeted method; a trained method
-    (DMC) sized by the CR its model was trained for (its target_cr x margin) with its hyper-parameters."""
+    (DMC) sized by the CR its model was trained for (its target_cr x margin; a cache.<method>.target_cr the user set
+    wins) with its hyper-parameters."""
     spec = registry.get(method)
 
     def make(length: int):
         overrides = {}
         if spec.budgeted and ratio is not None:
             overrides["budget"] = budget(method, ratio, length)
-        if spec.trained is not None and spec.sized_by_cr and hparams is not None:
-            overrides["target_cr"] = float(hparams.target_cr)
+        if (spec.trained is not None and spec.sized_by_cr and hparams is not None
+                and not registry.method_section(cache_section, method).get("target_cr", 0.0)):
+            overrides["target_cr"] = float(hparams.target_cr)  # as model_method does: a target_cr set wins
         return registry.build(method, cache_section, hparams, **overrides)
     return make
