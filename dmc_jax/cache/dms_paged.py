@@ -104,6 +104,11 @@ class DMSPagedCache(RowOps):
 
     reads_adapter = True  # llama.py passes a DMS adapter's logits (adapter_BTK; T = 1 at decode) when there is one
 
+    @property
+    def always_kept(self) -> int:
+        """Tokens each head keeps whatever its CR: a marked token stays visible for w more steps (serving sizing)."""
+        return self.dms.window + 1
+
     def _decision(self, q_BTHD, K: int, dms: DMSConfig, adapter_BTK=None):
         """read_decision with the serving threshold: a token is marked when its logit exceeds `threshold`."""
         a_BTK, q_BTHD = read_decision(q_BTHD, K, dms, adapter_BTK)

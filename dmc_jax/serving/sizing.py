@@ -57,9 +57,8 @@ def is_paged(method) -> bool:
 
 
 def always_kept(method) -> int:
-    """Tokens each head of `method` keeps whatever the CR: a DMS cache's last w + 1 (its eviction window); else 0."""
-    dms = getattr(method, "dms", None)
-    return int(dms.window) + 1 if dms is not None and hasattr(dms, "window") else 0
+    """Tokens each head of `method` keeps whatever the CR (the method's `always_kept`, e.g. DMS: w + 1); else 0."""
+    return int(getattr(method, "always_kept", 0))
 
 
 def size(method, cfg: ModelConfig, cache_mb: float, max_tokens: int, max_rows: int = 0) -> Sizing:

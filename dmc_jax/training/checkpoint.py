@@ -60,6 +60,12 @@ class _QuietOrbaxErrors(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
 
 
+def fingerprint_diffs(stored: dict, now: dict, ignore_prefix: str = "") -> list[str]:
+    """'key: <stored> there, <now> now' for every fingerprint entry that differs (keys with ignore_prefix skipped)."""
+    return [f"{k}: {stored.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(stored) | set(now))
+            if not (ignore_prefix and k.startswith(ignore_prefix)) and stored.get(k) != now.get(k)]
+
+
 @dataclasses.dataclass
 class Restored:
     """What restore_latest() found: the step, its arrays, the iterator positioned after it, the loop's log state."""
@@ -196,15 +202,8 @@ class Checkpointer:
 
     def _restore(self, step: int, abstract_state: Any, iterator, fingerprint: dict) -> tuple[Any, Any, dict]:
         where = self._step_dir(step)
-        try:
-            meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            stored = dict(meta["fingerprint"])
-        except Exception as e:
-            raise UserError(f"checkpoint {where} cannot be read ({type(e).__name__}: {_first_line(e)}); it is "
-                            f"incomplete or corrupt: " + _WHAT_TO_DO.format(dir=self.directory)) from None
-        diffs = [f"{k}: {stored.get(k)!r} there, {fingerprint.get(k)!r} now" for k in sorted(set(stored) |
-                                                                                               set(fingerprint))
-                 if stored.get(k) != fingerprint.get(k)]
+        meta = self._meta(step)
+        diffs = fingerprint_diffs(dict(meta["fingerprint"]), fingerprint)
         if diffs:
             raise UserError(f"checkpoint {where} was written by a different run configuration ({'; '.join(diffs)})"
                             f"; resume with the same model and data options, or set output_dir (or "
@@ -217,15 +216,20 @@ class Checkpointer:
                             f"incomplete or corrupt: " + _WHAT_TO_DO.format(dir=self.directory)) from None
         return restored["state"], restored[data_ckpt.ITEM], dict(meta)
 
-    def stored_fingerprint(self, step: int) -> dict:
-        """The fingerprint saved with `step` (what the run that wrote it had: parameter shapes, data options...)."""
+    def _meta(self, step: int) -> dict:
+        """The JSON saved with `step`: its fingerprint and the loop's log state."""
         try:
             meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            return dict(meta["fingerprint"])
+            dict(meta["fingerprint"])
+            return meta
         except Exception as e:
             raise UserError(f"checkpoint {self._step_dir(step)} cannot be read ({type(e).__name__}: "
                             f"{_first_line(e)}); it is incomplete or corrupt: "
                             + _WHAT_TO_DO.format(dir=self.directory)) from None
+
+    def stored_fingerprint(self, step: int) -> dict:
+        """The fingerprint saved with `step` (what the run that wrote it had: parameter shapes, data options...)."""
+        return dict(self._meta(step)["fingerprint"])
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """Only the arrays {'params', 'opt_state', 'rng'} of `step` (evaluation, export): no iterator needed."""

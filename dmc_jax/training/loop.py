@@ -42,7 +42,7 @@ from dmc_jax.errors import Interrupted, UserError
 from dmc_jax.model.config import ModelConfig
 from dmc_jax.model.params import flatten, logical_axes
 from dmc_jax.training import offload, sharding
-from dmc_jax.training.checkpoint import Checkpointer
+from dmc_jax.training.checkpoint import Checkpointer, fingerprint_diffs
 from dmc_jax.training.metrics_log import MetricsWriter
 from dmc_jax.training.objective import CE, WEIGHT, Objective
 from dmc_jax.training.progress import Diverged, Window
@@ -172,8 +172,7 @@ def warm_start(source: str, abstract_state, fp: dict) -> tuple[Any, int]:
                             f"{'' if step is None else step} (steps there: {steps or 'none'}); give a run's "
                             f"checkpoint directory or <dir>/<step>")
         stored = other.stored_fingerprint(step)
-        diffs = [f"{k}: {stored.get(k)!r} there, {fp.get(k)!r} now" for k in sorted(set(stored) | set(fp))
-                 if not k.startswith("data.") and stored.get(k) != fp.get(k)]
+        diffs = fingerprint_diffs(stored, fp, ignore_prefix="data.")
         if diffs:
             raise UserError(f"checkpoint.init_from={source!r}: step {step} was written for another model or "
                             f"optimizer ({'; '.join(diffs[:3])}{' ...' if len(diffs) > 3 else ''}); start from a "
