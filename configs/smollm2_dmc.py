@@ -89,6 +89,11 @@ def get_config():
     c.retrofit = ml_collections.ConfigDict()
     c.retrofit.method = "dmc"       # the trained cache method (its section: c.dmc); see dmc_jax/cache/registry.py
     c.retrofit.control = True       # also train the vanilla control (same recipe and tokens, CR fixed at 1)
+    # Step 6: the trained model through its serving cache next to H2O and TOVA at the CR it reached, decoded through
+    # the caches on the same held-out text (task compare's protocol; <run>/side_by_side). () skips it.
+    c.retrofit.side_by_side = ("h2o", "tova")
+    c.retrofit.side_by_side_evals = ("ppl",)   # add 'passkey' for retrieval at eval.window tokens (~1 min per row)
+    c.retrofit.side_by_side_sequences = 4
 
     c.generate = ml_collections.ConfigDict()
     # A plain continuation: ~40k tokens of Shakespeare do not keep the instruct model's chat behaviour.

@@ -101,6 +101,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if trained is not None:  # the trained section of the method this run trains validates itself
         _sections(config, (trained.section,) + (("retrofit",) if config.task == "retrofit" else ()))
         trained.validate(config[trained.section])
+        if config.task == "retrofit":
+            from dmc_jax.evaluation.side_by_side_options import validate as validate_side_by_side
+            validate_side_by_side(config.retrofit)
         if trained.validate_run is not None:
             trained.validate_run(config[trained.section], config)
     if "distill" in config and config.task in ("train", "retrofit"):

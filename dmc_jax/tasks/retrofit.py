@@ -10,6 +10,9 @@ is the training objective and the hyper-parameters saved with the model.
        generation through the method's real cache with its bytes, report.md, cr_heatmap.png, results.json
     5. the model as a Hugging Face directory with its kv_method.json                            -> <run>/<section>/model
        (serve or evaluate it: model.source=<run>/dmc/model brings its method; task compare's extra_models)
+    6. side by side (retrofit.side_by_side, default H2O and TOVA): the trained model through its serving cache and
+       each eviction method at the CR the trained model reached, decoded through the caches (task compare's
+       protocol) on the same held-out text                                                    -> <run>/side_by_side
 
 Each training run resumes from its checkpoints when the task is run again with the same output_dir.
 """
@@ -33,7 +36,8 @@ from dmc_jax.evaluation.text_files import read_text
 from dmc_jax.evaluation.report import cr_heatmap, markdown_table
 from dmc_jax.inference.generate import GenerateConfig, generate
 from dmc_jax.model import llama
-from dmc_jax.tasks import train as train_task
+from dmc_jax.evaluation.side_by_side_options import DEFAULT_METHODS
+from dmc_jax.tasks import side_by_side, train as train_task
 from dmc_jax.tasks.evaluate import default_text_files
 from dmc_jax.training.objective import make_objective
 
@@ -130,6 +134,20 @@ def _generate_sample(params, model, config) -> dict:
             "overflow_merges": int(np.asarray(stats.get("overflow_LBK", 0)).sum())}
 
 
+def _side_by_side(config, model, host_params, model_dir: str, label: str):
+    """Step 6 (side_by_side.run), or None when retrofit.side_by_side is empty; a row that cannot be measured is
+    recorded in its row, and an error here is reported, never losing the trained result."""
+    if not tuple(config.retrofit.get("side_by_side", DEFAULT_METHODS)):
+        return None
+    base = copy.copy(model)
+    base.params = host_params  # the original model (training worked on copies)
+    try:
+        return side_by_side.run(config, base, model_dir, label)
+    except UserError as e:
+        print(f"side by side not measured: {e}")
+        return {"dir": os.path.join(config.output_dir, "side_by_side"), "rows": [], "note": f"not measured: {e}"}
+
+
 def run(config: ml_collections.ConfigDict, model) -> dict:
     host_params = jax.device_get(model.params)  # every run starts from the original weights
     ids, files = _heldout_ids(config, model.tokenizer)
@@ -167,11 +185,16 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         results[name] = row
         print(f"{name}: perplexity {row['perplexity']:.3f}, compression ratio {row['compression_ratio']:.2f} "
               f"({summary['training_seconds']:.0f} s of training steps)")
+    if "model_dir" in results[trained.section]:
+        results["side_by_side"] = _side_by_side(config, model, host_params, results[trained.section]["model_dir"],
+                                                trained.section)
     out_dir = config.output_dir
     results["cr_heatmap"] = cr_heatmap(np.asarray(results[trained.section]["compression_ratio_layer_head"]),
                                        os.path.join(out_dir, "cr_heatmap.png"),
                                        f"{spec.name} retrofit, target CR {results['target_cr']}: held-out CR per layer x head")
     report = markdown_table(results)
+    if results.get("side_by_side"):
+        report += side_by_side.markdown(results["side_by_side"])
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(report)
     print(report)

@@ -1,0 +1,75 @@
+"""Task retrofit (the README's main job) end to end on the tiny model: the DMC retrofit, its model directory, and the
+side-by-side step (the trained model through its serving cache next to H2O and TOVA at the CR it reached, decoded
+through the caches on the same held-out text, one compare run directory); bad side-by-side options."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dmc_jax.main import main
+from tests.test_data_helpers import data_config, write_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DMC = os.path.join(ROOT, "configs", "smollm2_dmc.py")
+
+
+def _argv(tmp_path, out, *extra):
+    """The main job on the tiny model: a few steps, and a decision offset that makes it merge about every other token (the
+    pool, sized for a target of 1.5, holds what it keeps; the eviction budgets stay above compare.min_budget)."""
+    corpus = write_corpus(tmp_path / "corpus", num_files=3, paragraphs_per_file=30)
+    data = data_config(tmp_path, corpus)
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(" ".join(f"Line {i} of a held-out text that nobody trained on." for i in range(80)))
+    fields = [f"--config.data.{k}={v}" for k, v in data.items() if k in
+              ("source", "data_dir", "cache_dir", "min_document_chars", "validation_fraction", "seq_len",
+               "batch_size", "shuffle_window", "num_threads", "progress")]
+    return [DMC, "--config.model.source=tiny", "--config.model.max_seq_len=256", f"--config.output_dir={out}",
+            *fields, "--config.train.steps=4", "--config.train.progress=False", "--config.train.tensorboard=False",
+            "--config.dmc.zero_out_steps=1", "--config.dmc.retrofit_steps=2", "--config.dmc.window=4",
+            "--config.optim.hold_steps=2", "--config.checkpoint.every_steps=2", "--config.retrofit.control=False",
+            f"--config.eval.text_files={heldout}", "--config.eval.window=64", "--config.eval.stride=64",
+            "--config.eval.max_tokens=1024", "--config.generate.max_new_tokens=8",
+            "--config.retrofit.side_by_side_sequences=2", "--config.dmc.decision_offset=0.0", "--config.dmc.target_cr=1.5", *extra]
+
+
+def test_the_main_job_puts_the_trained_model_next_to_h2o_and_tova_at_the_cr_it_reached(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--config", *_argv(tmp_path, out)]) == 0
+    results = json.load(open(out / "results.json"))["results"]
+    assert os.path.exists(out / "dmc" / "model" / "kv_method.json")
+    side = results["side_by_side"]
+    rows = {(r["model"], r["method"]): r for r in side["rows"]}
+    assert set(rows) == {("base", "dense"), ("dmc", "dmc_paged"), ("base", "h2o"), ("base", "tova")}, rows.keys()
+    trained_cr = rows[("dmc", "dmc_paged")]["logical_cr"]
+    assert side["trained_cr"] == trained_cr and trained_cr > 1.0
+    for m in ("h2o", "tova"):  # the eviction rows run at the trained model's measured CR, not at the target
+        r = rows[("base", m)]
+        assert r["ratio"] == round(trained_cr, 2) and r["budget"] == -(-64 // r["ratio"])
+        assert abs(r["logical_cr"] - 64 / r["budget"]) < 1e-6
+    assert rows[("base", "dense")]["logical_cr"] == 1.0
+    for r in rows.values():
+        assert r["ppl"] > 1.0 and r["bytes_per_seq"] > 0
+    assert rows[("base", "h2o")]["bytes_per_seq"] < rows[("base", "dense")]["bytes_per_seq"]
+    report = open(out / "report.md").read()
+    assert "Side by side at the trained model's CR" in report and "| base | h2o |" in report
+    assert os.path.exists(out / "side_by_side" / "compare.md")
+    # run again: every row (training and side by side) is reused, nothing is measured twice
+    assert main(["--config", *_argv(tmp_path, out)]) == 0
+    again = json.load(open(out / "results.json"))["results"]["side_by_side"]
+    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in side["rows"]]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.retrofit.side_by_side=('h2o','magic')", "'magic' is not a cache method"),
+    ("--config.retrofit.side_by_side=('corm',)", "'corm' is not a budgeted training-free method"),
+    ("--config.retrofit.side_by_side_evals=('mc',)", "retrofit.side_by_side_evals must be"),
+])
+def test_bad_side_by_side_options_are_one_line_errors(tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert main(["--config", DMC, "--config.model.source=tiny", f"--config.output_dir={out}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not os.path.exists(out / "dmc")
