@@ -214,7 +214,7 @@ def _check_sequences(section, config) -> None:
 TRAINED = registry.TrainedMethod(
     section="dms", defaults=lambda: default_section().to_dict(), validate=validate_section,
     objective="dmc_jax.dms.objective:make", evaluate="dmc_jax.dms.objective:eval_attention", serve_method="dms",
-    validate_run=_check_sequences, prepare_model="dmc_jax.dms.objective:with_adapter")
+    engine_method="dms_paged", validate_run=_check_sequences, prepare_model="dmc_jax.dms.objective:with_adapter")
 
 registry.register(registry.MethodSpec(
     name="dms", trained=TRAINED, sized_by_cr=True,

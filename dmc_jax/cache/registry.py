@@ -56,6 +56,8 @@ class TrainedMethod:
     evaluate: 'module:factory' of factory(section, control: bool) -> the training-form attention that computes
         exactly what the inference cache keeps (hard decisions), for held-out perplexity after training.
     serve_method: the cache method a model trained for this is served with by default (cache.method 'auto').
+    engine_method: the paged cache method the serving engine uses instead under cache.method 'auto', when
+        serve_method keeps a buffer per head (DMS: dms -> dms_paged, one pool shared by every head); '' = serve_method.
     validate_run: optional checks of the section against the rest of a training run's config (section, config),
         e.g. DMS's window against data.seq_len.
     prepare_model: optional 'module:function' (config, model_cfg, params) -> (model_cfg, params), run by the train
@@ -68,6 +70,7 @@ class TrainedMethod:
     objective: str
     evaluate: str = ""
     serve_method: str = ""
+    engine_method: str = ""
     validate_run: Optional[Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None]] = None
     prepare_model: str = ""
 

@@ -52,19 +52,15 @@ def build(config: ml_collections.ConfigDict, model, warm: bool = True):
 
 
 def serving_method(config: ml_collections.ConfigDict):
-    """The run's cache method; for cache.method=auto, a method that is not paged gives way to the first registered
-    paged method trained for the same section (dms -> dms_paged), built from the same model directory."""
+    """The run's cache method; for cache.method=auto, a trained method's engine_method when it names one (a DMS
+    model directory: dms -> dms_paged, one page pool for every head), built from the same model directory."""
     resolved = model_method.resolve(config)
     method = resolved.make()
     if config.cache.get("method", registry.AUTO) != registry.AUTO or is_paged(method):
         return method
     trained = registry.get(resolved.name).trained
-    for name in registry.names():
-        spec = registry.get(name)
-        if trained is not None and spec.trained is not None and spec.trained.section == trained.section:
-            paged = model_method.resolve(config, name).make()
-            if is_paged(paged):
-                return paged
+    if trained is not None and trained.engine_method:
+        return model_method.resolve(config, trained.engine_method).make()
     return method
 
 
