@@ -2,8 +2,8 @@
 
 python -m dmc_jax.main --config configs/smollm2_dmc.py [--config.output_dir=runs/x] [--config.dmc.target_cr=4]
 
-Sized so the whole job (data, DMC retrofit, vanilla control, evaluation, report) finishes in about 20 minutes on a
-2-core CPU: 1024 tokens per step, 4 zero-out + 24 ramp + 12 fine-tune steps. That is ~41k tokens, a demonstration of
+Sized so the whole job (data, DMC retrofit, vanilla control, evaluation, side by side with H2O and TOVA at the CR the
+DMC model reached, report) finishes in about 15 minutes on a quiet 2-core CPU: 1024 tokens per step, 4 zero-out + 24 ramp + 12 fine-tune steps. That is ~41k tokens, a demonstration of
 the mechanics (the reference recipe uses ~35B tokens for CR 2), with deliberate departures from the reference
 recipe that such a short run needs, all config fields: a decision offset of 2 instead of 5 (stage 2 starts at
 alpha ~ 0.12 instead of 0.007), a 100x learning rate on the W_q/W_k columns of the decision channel
