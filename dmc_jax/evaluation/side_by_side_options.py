@@ -12,7 +12,7 @@ DEFAULT_METHODS = ("h2o", "tova")
 
 
 def validate(retrofit: ml_collections.ConfigDict) -> None:
-    methods = tuple(retrofit.get("side_by_side", ()))
+    methods = tuple(retrofit.get("side_by_side", DEFAULT_METHODS))  # the default task retrofit uses
     for name in methods:
         require(name in registry.names(), f"retrofit.side_by_side: {name!r} is not a cache method; use names from "
                                           f"task=methods, e.g. {', '.join(DEFAULT_METHODS)}")
