@@ -25,7 +25,8 @@ State:
     recent          [L, B, K, R]   the head's last R = min(w + 1, max_tokens) tokens: at p % R, 2 * slot + marked of
                                    the token at position p (-1 = none), so the token a decision marks (t - 1) and
                                    the one that may leave (t - 1 - w) are found without a search
-    overflow        [L, B, K]      decode tokens that found no slot and no page (see below; never silent)
+    overflow        [L, B, K]      decode tokens that found no slot and no page, and prompt tokens forced out with
+                                   on_overflow='evict' (see below; never silent)
     lost            [L, B, K]      tokens a prompt (or a row's first token) found no page for (always an error)
 
 Decode, token t, per head: the decision of t marks t - 1; the token at t - 1 - w leaves if it was marked (delayed
@@ -33,6 +34,10 @@ eviction: at most one token leaves per step); t takes a slot (above). An exhaust
 token closest to leaving (else its oldest: DMSCache's rule for a full buffer) gives its slot to t, `overflow` and
 `refused` count it, and `check` raises a one-line UserError unless on_overflow='evict'. Prefill runs DMS's hard
 parallel form (dms_core) and stores what a token-by-token pass holds after the last prompt token, in position order.
+A prompt that finds no page is an error (`lost`), except with on_overflow='evict': then the later layers' heads are
+reserved an equal share of the pool, this layer's heads split the rest when they need more, and a head over its
+part forces out tokens by the same rule (counted in `overflow`), so a pool sized for a baseline's bytes serves any
+prompt.
 
 Pool size: `pages`, else every head's share of DMSCache's buffer at target_cr x margin, pooled:
 P = ceil(L * B * K * C / N) with C = dms.capacity_for(max_tokens, w, 0, target_cr, margin), at most the
@@ -70,6 +75,27 @@ PAGE_KEYS = ("pool_k", "pool_v", "pool_pos")  # one page's storage
 def _at(x_BKR, i_BK):
     """x_BKR[b, k, i_BK[b, k]] (i_BK broadcast to [B, K], e.g. one index per row [B, 1])."""
     return jnp.take_along_axis(x_BKR, jnp.broadcast_to(i_BK, x_BKR.shape[:2])[..., None], axis=-1)[..., 0]
+
+
+def _fit_prompt(kept_BKT, marked_BKT, count_BK, free_pages, pool_pages: int, num_layers: int, layer,
+                page_size: int):
+    """on_overflow='evict' at prefill: a prompt never runs the pool dry. Layers prefill one after another, so the
+    heads of the later layers are reserved their equal share of the pool, f = floor(pool / (L * B * K)) pages each;
+    when this layer's heads need more than the rest, each takes at most an equal part of it (>= f pages), and a
+    head over that forces out its marked tokens closest to leaving, then its oldest (DMSCache's rule for a full
+    buffer). Returns (kept_BKT, forced_BK): what each head stores, and how many of its kept tokens it forced out."""
+    B, K, _ = kept_BKT.shape
+    fair = pool_pages // (num_layers * B * K)
+    available = free_pages - (num_layers - 1 - layer) * B * K * fair  # what the later layers leave this one
+    need = jnp.sum((count_BK + page_size - 1) // page_size)
+    cap_BK = jnp.where(need <= available, count_BK, (available // (B * K)) * page_size)
+    forced_BK = jnp.maximum(count_BK - cap_BK, 0).astype(jnp.int32)
+    marked_BKT = kept_BKT & marked_BKT  # kept and marked: inside the window; the oldest leaves first
+    drop_BKT = marked_BKT & (jnp.cumsum(marked_BKT, axis=-1) <= forced_BK[..., None])
+    rest_BK = forced_BK - jnp.sum(drop_BKT, axis=-1, dtype=jnp.int32)
+    plain_BKT = kept_BKT & ~marked_BKT
+    drop_BKT |= plain_BKT & (jnp.cumsum(plain_BKT, axis=-1) <= rest_BK[..., None])
+    return kept_BKT & ~drop_BKT, forced_BK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +267,11 @@ class DMSPagedCache(RowOps):
         P, N = state["pool_pos"].shape
         M, R = state["table"].shape[3], state["recent"].shape[3]
         free_P, top = push_pages(state["free"], state["top"], state["table"][layer].reshape(-1))
+        forced_BK = jnp.zeros_like(count_BK)
+        if self.on_overflow == "evict":
+            kept_BKT, forced_BK = _fit_prompt(kept_BKT, marked_BKT, count_BK, top, P, state["table"].shape[0],
+                                              layer, N)
+            count_BK = count_BK - forced_BK
         need_BK = (jnp.minimum(count_BK, M * N) + N - 1) // N
         pages_XM, top = pop_pages(free_P, top, need_BK.reshape(-1), M)
         table_BKM = pages_XM.reshape(B, K, M)
@@ -264,7 +295,7 @@ class DMSPagedCache(RowOps):
         refused = jnp.sum(need_BK, dtype=jnp.int32) - jnp.sum(table_BKM >= 0, dtype=jnp.int32)
         state = dict(state, pool_k=pool_k, pool_v=pool_v, pool_pos=pool_pos, free=free_P, top=top,
                      refused=state["refused"].at[1].add(refused))
-        new = {"table": table_BKM, "count": stored_BK, "recent": recent_BKR, "overflow": jnp.zeros_like(count_BK),
+        new = {"table": table_BKM, "count": stored_BK, "recent": recent_BKR, "overflow": forced_BK,
                "lost": count_BK - stored_BK}
         return out_BTHD, _write(state, layer, new)
 

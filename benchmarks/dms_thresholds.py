@@ -1,0 +1,113 @@
+"""The compression ratio a trained DMS model's cache reaches on held-out text at each serving threshold: how to pick
+`cache.dms.threshold` / `cache.dms_paged.threshold` for a target CR (and so the pool's bytes) before serving.
+
+    .venv/bin/python benchmarks/dms_thresholds.py --model runs/dms_cr8/model200 [--tokens 512] [--sequences 4]
+        [--thresholds 0,0.5,1,2,3,4] [--text-files a.txt,b.txt] [--json runs/dms_thresholds.json]
+
+A positive threshold marks fewer tokens (a token is marked when its decision logit exceeds the threshold), so the
+cache keeps more and the CR falls. Each row prefills `sequences` held-out rows of `tokens` tokens (default: the
+default corpus's held-out works, never trained on) through the DMS cache with an unbounded buffer, i.e. DMS's hard
+parallel form, and reports what the cache holds after the last token: tokens seen / entries kept over every layer,
+sequence and KV head, and the spread over heads. A token-by-token decode keeps exactly what this prefill keeps
+(tests/test_dms.py checks the equivalence), so the CR is the one task compare measures at the end of a decoded
+sequence of the same length. Size a paged pool from it: slots per head ~ tokens / CR plus half a page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def held_out_rows(tokenizer, files, tokens: int, sequences: int):
+    """[sequences, tokens] int32 from the files' text, consecutive windows; fewer rows if the text runs out."""
+    import numpy as np
+
+    from dmc_jax.evaluation.text_files import read_text
+
+    ids = []
+    for path in files:
+        ids += tokenizer.encode(read_text(path))
+        if len(ids) >= tokens * sequences:
+            break
+    n = min(sequences, len(ids) // tokens)
+    if n == 0:
+        raise SystemExit(f"error: the text has {len(ids)} tokens, fewer than --tokens={tokens}; give longer "
+                         f"--text-files or a smaller --tokens")
+    return np.asarray(ids[: n * tokens], np.int32).reshape(n, tokens)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a trained DMS model directory (with kv_method.json)")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--thresholds", default="0,0.5,1,2,3,4")
+    ap.add_argument("--text-files", default="", help="comma-separated; '' = the default corpus's held-out works")
+    ap.add_argument("--json", default=str(ROOT / "runs" / "dms_thresholds.json"))
+    args = ap.parse_args(argv)
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        print(f"error: --thresholds must be comma-separated numbers; got {args.thresholds!r}", file=sys.stderr)
+        return 2
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from dmc_jax.cache import model_method, registry
+    from dmc_jax.data import default_corpus
+    from dmc_jax.errors import UserError
+    from dmc_jax.model import llama
+    from dmc_jax.weights.load import load_model
+
+    try:
+        saved = model_method.read(args.model)
+        if saved is None or registry.get(saved.method).trained is None or \
+                registry.get(saved.method).trained.section != "dms":
+            raise UserError(f"{args.model} is not a trained DMS model directory (its kv_method.json names no DMS "
+                            f"method); give the export_dir of a DMS training run")
+        model = load_model(args.model)
+        files = [f for f in args.text_files.split(",") if f.strip()] or default_corpus.heldout_files()
+        rows_NT = held_out_rows(model.tokenizer, files, args.tokens, args.sequences)
+        config = ml_collections.ConfigDict({"model": {"source": args.model}, "cache": registry.default_config()})
+        config.cache.method = "dms"
+        resolved = model_method.resolve(config)
+        n, T = rows_NT.shape
+        lengths_B = jnp.full((n,), T, jnp.int32)
+        results = []
+        for t in thresholds:
+            method = resolved.make(capacity=T, threshold=t, target_cr=0.0)  # unbounded: nothing forced out
+            state = method.init(model.cfg, n, T)
+            start = time.perf_counter()
+            _, state = jax.jit(lambda p, x, l, s: llama.prefill(p, x, l, s, method, model.cfg))(
+                model.params, jnp.asarray(rows_NT), lengths_B, state)
+            stats = method.stats(state, lengths_B)
+            cr_LBK = stats["compression_ratio_LBK"]
+            row = {"threshold": t, "compression_ratio": float(stats["compression_ratio"]),
+                   "kept_per_head": float(jnp.mean(stats["kept_LBK"])), "head_cr_min": float(jnp.min(cr_LBK)),
+                   "head_cr_max": float(jnp.max(cr_LBK)), "seconds": round(time.perf_counter() - start, 1)}
+            results.append(row)
+            print(f"threshold {t:+.2f}: CR {row['compression_ratio']:.2f} ({row['kept_per_head']:.1f} of {T} "
+                  f"tokens kept per head; heads {row['head_cr_min']:.2f}-{row['head_cr_max']:.2f})", flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = {"model": args.model, "tokens": T, "sequences": n, "text_files": files, "rows": results}
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"json: {os.path.relpath(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
