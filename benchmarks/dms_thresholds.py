@@ -9,8 +9,10 @@ cache keeps more and the CR falls. Each row prefills `sequences` held-out rows o
 default corpus's held-out works, never trained on) through the DMS cache with an unbounded buffer, i.e. DMS's hard
 parallel form, and reports what the cache holds after the last token: tokens seen / entries kept over every layer,
 sequence and KV head, and the spread over heads. A token-by-token decode keeps exactly what this prefill keeps
-(tests/test_dms.py checks the equivalence), so the CR is the one task compare measures at the end of a decoded
-sequence of the same length. Size a paged pool from it: slots per head ~ tokens / CR plus half a page.
+(tests/test_dms.py checks the equivalence), so on the same text the CR is the one task compare measures at the end
+of a decoded sequence of the same length (compare spreads its rows over the text, this takes the first windows:
+for the README's CR-8 DMS model 8.70 against compare's 8.74). Size a paged pool from it: slots per head ~
+tokens / CR plus half a page.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def held_out_rows(tokenizer, files, tokens: int, sequences: int):
     """[sequences, tokens] int32 from the files' text, consecutive windows; fewer rows if the text runs out."""
     import numpy as np
 
+    from dmc_jax.errors import UserError
     from dmc_jax.evaluation.text_files import read_text
 
     ids = []
@@ -39,8 +42,8 @@ def held_out_rows(tokenizer, files, tokens: int, sequences: int):
             break
     n = min(sequences, len(ids) // tokens)
     if n == 0:
-        raise SystemExit(f"error: the text has {len(ids)} tokens, fewer than --tokens={tokens}; give longer "
-                         f"--text-files or a smaller --tokens")
+        raise UserError(f"the text has {len(ids)} tokens, fewer than --tokens={tokens}; give longer --text-files "
+                        f"or a smaller --tokens")
     return np.asarray(ids[: n * tokens], np.int32).reshape(n, tokens)
 
 
