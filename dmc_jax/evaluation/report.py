@@ -50,7 +50,7 @@ def markdown_table(results: dict) -> str:
                      f"{r['compression_ratio']:.2f} |")
     gen = results.get(run, {}).get("generation")
     if gen:
-        lines += ["", f"{results.get('method', 'dmc')} cache during generation: {gen['tokens_seen']} tokens in {gen['slots_kept_mean']:.1f} "
+        lines += ["", f"{gen.get('cache', results.get('method', 'dmc'))} cache during generation: {gen['tokens_seen']} tokens in {gen['slots_kept_mean']:.1f} "
                       f"slots per head on average (CR {gen['cache_cr']:.2f}); {gen['cache_bytes_allocated']:,} bytes "
                       f"allocated vs {gen['dense_cache_bytes_allocated']:,} for the dense cache.",
                   "", f"> {gen['prompt']}", "", gen["completion"]]

@@ -106,8 +106,9 @@ def _evaluate(params, ids, model, config, attention) -> dict:
     return res.to_dict() | {"seconds": time.perf_counter() - start}
 
 
-# The generation sample's cache: sized for the target CR with extra head room, merging rather than failing when a
-# head runs out of room (a model that has not reached its target would otherwise end the job after training).
+# The generation sample's cache: the config's serving cache (cache.method = the method or its serving method, e.g.
+# dms_paged), else the method's own cache sized for the target CR with extra head room, merging rather than failing
+# when a head runs out of room (a model that has not reached its target would otherwise end the job after training).
 SAMPLE_SIZING = {"margin": 1.5, "on_overflow": "merge"}
 
 
@@ -119,10 +120,14 @@ def _generate_sample(params, model, config) -> dict:
     gen = GenerateConfig(max_new_tokens=g.max_new_tokens, stop_ids=tuple(tok.stop_ids))
     spec = method_of(config)
     hparams = config[spec.trained.section]
-    own = registry.method_section(config.get("cache") or ml_collections.ConfigDict(), spec.name)
-    overrides = {k: v for k, v in {**SAMPLE_SIZING, "target_cr": float(hparams.get("target_cr", 0.0))}.items()
-                 if k in own}
-    method = registry.build(spec.name, config.get("cache") or ml_collections.ConfigDict(), hparams, **overrides)
+    cache = config.get("cache") or ml_collections.ConfigDict()
+    if cache.get("method") in (spec.name, spec.trained.serve_method, spec.trained.engine_method):  # the config's
+        name, overrides = cache.method, {}                                                      # serving cache
+    else:
+        name, own = spec.name, registry.method_section(cache, spec.name)
+        overrides = {k: v for k, v in {**SAMPLE_SIZING, "target_cr": float(hparams.get("target_cr", 0.0))}.items()
+                     if k in own}
+    method = registry.build(name, cache, hparams, **overrides)
     out = generate(llama.unstack_layers(params), [prompt], model.cfg, method, gen, jax.random.PRNGKey(0))
     stats = method.stats(out.state, out.lengths)
     seen = int(out.lengths[0])
@@ -131,7 +136,7 @@ def _generate_sample(params, model, config) -> dict:
     return {"prompt": g.prompt, "completion": tok.decode(out.tokens[0]), "tokens_seen": seen,
             "slots_kept_mean": float(kept.mean()), "cache_cr": seen / float(kept.mean()),
             "cache_bytes_allocated": int(stats["bytes_allocated"]), "dense_cache_bytes_allocated": dense_bytes,
-            "overflow_merges": int(np.asarray(stats.get("overflow_LBK", 0)).sum())}
+            "cache": name, "overflow_merges": int(np.asarray(stats.get("overflow_LBK", 0)).sum())}
 
 
 def _side_by_side(config, model, host_params, model_dir: str, label: str):

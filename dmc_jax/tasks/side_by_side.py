@@ -7,7 +7,10 @@ run directory, <run>/side_by_side (compare.md, rows.json, plots):
     1. the dense cache (the original model, CR 1) and the trained model with its serving cache (e.g. dmc_paged):
        its logical CR on this text is measured, not assumed;
     2. each eviction method with the budget that gives that CR (ceil(window / CR) slots per layer, sequence and
-       KV head), so it holds no more tokens than the trained model.
+       KV head), so it holds no more tokens than the trained model;
+    3. when the trained model's bytes say another CR (dense bytes / its bytes, e.g. a pool with a page table, or
+       sized above what the model keeps) that differs by more than 1%, each eviction method again at that CR: the
+       comparison at the same cache MEMORY, whichever side it favours.
 The compare run resumes like task compare: running the retrofit again reuses the rows already measured.
 """
 
@@ -45,13 +48,23 @@ def compare_config(config: ml_collections.ConfigDict, out_dir: str, methods, rat
     return c
 
 
+def serving_method(config: ml_collections.ConfigDict) -> str:
+    """The trained model's cache in the rows: cache.method when it is one of the method's serving caches, else the
+    serving engine's (DMS: the paged pool dms_paged), else the model's own serving cache (DMC: dmc_paged)."""
+    trained = registry.get(config.retrofit.get("method", "dmc")).trained
+    chosen = (config.get("cache") or ml_collections.ConfigDict()).get("method", "auto")
+    if chosen and chosen in (trained.serve_method, trained.engine_method):
+        return chosen
+    return trained.engine_method or trained.serve_method
+
+
 def run(config: ml_collections.ConfigDict, model, model_dir: str, label: str) -> dict:
     """Measures the rows (module docstring); returns {'dir', 'rows': [...], 'trained_cr', 'winner'}."""
     from dmc_jax.tasks import compare
 
     out_dir = os.path.join(config.output_dir, "side_by_side")
     os.makedirs(out_dir, exist_ok=True)
-    extra = (f"{label}|{model_dir}|auto",)
+    extra = (f"{label}|{model_dir}|{serving_method(config)}",)
     first = compare.run(compare_config(config, out_dir, (), (), extra), model)
     trained = next(r for r in first["rows"] if r["model"] == label)
     result = {"dir": out_dir, "rows": first["rows"], "trained_cr": trained.get("logical_cr")}
@@ -62,10 +75,28 @@ def run(config: ml_collections.ConfigDict, model, model_dir: str, label: str) ->
         return result
     if methods:
         cr = round(float(trained["logical_cr"]), 2)
-        second = compare.run(compare_config(config, out_dir, methods, (cr,), extra), model)
+        ratios = [cr]
+        bytes_cr = _bytes_cr(first["rows"], trained)
+        if bytes_cr is not None:
+            result["trained_bytes_cr"] = bytes_cr
+            if abs(bytes_cr - cr) > 0.01 * cr and round(bytes_cr, 2) >= 1.0:
+                result["bytes_ratio"] = round(bytes_cr, 2)
+                ratios.append(result["bytes_ratio"])
+            elif bytes_cr < 1.0:
+                result["bytes_note"] = (f"the trained model's cache allocated more bytes than the dense cache "
+                                        f"(CR of its bytes {bytes_cr:.2f}): no eviction row at its memory")
+        second = compare.run(compare_config(config, out_dir, methods, tuple(ratios), extra), model)
         result["rows"] = second["rows"]
     result["winner"] = _winner(result["rows"], "ppl", lower=True)
     return result
+
+
+def _bytes_cr(rows, trained):
+    """Dense bytes per sequence / the trained model's (the CR its memory corresponds to), or None."""
+    dense = next((r for r in rows if r["method"] == "dense" and r.get("bytes_per_seq")), None)
+    if dense is None or not trained.get("bytes_per_seq"):
+        return None
+    return float(dense["bytes_per_seq"]) / float(trained["bytes_per_seq"])
 
 
 def _winner(rows, key: str, lower: bool):
@@ -88,6 +119,15 @@ def markdown(result: dict) -> str:
         ppl = f"{r['ppl']:.3f}" if r.get("ppl") is not None else r.get("ppl_skipped", r.get("skipped", "-"))
         pk = f"{r['passkey_acc']:.2f}" if r.get("passkey_acc") is not None else "-"
         lines.append(f"| {r['model']} | {r['method']} | {cr} | {mb} | {ppl} | {pk} |")
+    if result.get("bytes_ratio"):
+        lines += ["", f"Eviction rows at CR {result['trained_cr']:.2f} (the trained model's logical CR: the same number "
+                      f"of tokens) and at CR {result['bytes_ratio']:.2f} (dense bytes / the trained model's bytes: the "
+                      f"same memory)."]
+    elif result.get("trained_bytes_cr", 0) >= 1.0:
+        lines += ["", f"Eviction rows at CR {result['trained_cr']:.2f} (the trained model's logical CR); its bytes "
+                      f"correspond to CR {result['trained_bytes_cr']:.2f}, within 1%: the same tokens and memory."]
+    if result.get("bytes_note"):
+        lines += ["", result["bytes_note"] + "."]
     if result.get("note"):
         lines += ["", result["note"]]
     elif result.get("winner"):
