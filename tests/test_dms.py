@@ -185,6 +185,37 @@ def test_serving_threshold_trades_compression_for_keeping_more():
         DMSCache(_hard(3), threshold=float("nan"))
 
 
+def test_serving_window_replaces_the_trained_window_and_bad_values_are_user_errors():
+    """cache.<dms|dms_paged>.window = w' serves the model trained with w exactly as a model trained with w' (the same
+    logits and kept slots, the buffer sized from w'); 0 keeps the trained window."""
+    from dmc_jax.cache import registry
+    from dmc_jax.dms.config import default_section
+
+    cfg, params = _model()
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(5), (1, 40), 0, cfg.vocab_size)
+    hparams = default_section()
+    hparams.update(window=3, decision_scale=1.0, decision_offset=0.0)
+    for name in ("dms", "dms_paged"):
+        section = registry.default_config()
+        section[name].window = 6
+        section[name].target_cr = 2.0
+        served = registry.build(name, section, hparams)
+        assert served.dms.window == 6 and registry.build(name, registry.default_config(), hparams).dms.window == 3
+        hparams6 = default_section()
+        hparams6.update(window=6, decision_scale=1.0, decision_offset=0.0)
+        section[name].window = 0
+        trained6 = registry.build(name, section, hparams6)
+        got, s_got = _cached_logits(cfg, params, served, tokens_BT, jnp.array([12]), 20)
+        want, s_want = _cached_logits(cfg, params, trained6, tokens_BT, jnp.array([12]), 20)
+        np.testing.assert_array_equal(np.stack(got), np.stack(want))
+        assert jax.tree.map(np.shape, s_got) == jax.tree.map(np.shape, s_want)
+        trained3, _ = _cached_logits(cfg, params, registry.build(name, section, hparams), tokens_BT, jnp.array([12]), 20)
+        assert np.abs(np.stack(trained3) - np.stack(got)).max() > 1e-3  # the window matters on this model
+        section[name].window = -1
+        with pytest.raises(UserError, match="window must be an int >= 0"):
+            registry.build(name, section, hparams)
+
+
 def test_generate_through_the_cache():
     cfg, params = _model()
     out = generate(llama.unstack_layers(params), [[5, 6, 7], [9]], cfg, DMSCache(_hard(2), target_cr=2.0),

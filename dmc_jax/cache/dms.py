@@ -17,7 +17,8 @@ come (evict_at <= t), write t into the first free slot, attend over the occupied
 of the marked token closest to leaving (else the oldest token) and counts it in `overflow`; `check` raises a
 UserError unless on_overflow='evict'. `threshold` (cache.dms.threshold, 0 = the trained rule) moves the decision
 boundary at serving time: a token is marked when its decision logit exceeds it, so a positive threshold keeps more
-(lower CR, better quality) and a negative one evicts more, from the same trained model. Prefill runs DMS's hard parallel form over the prompt (the delayed-eviction
+(lower CR, better quality) and a negative one evicts more, from the same trained model. `window` (cache.dms.window,
+0 = the trained w) serves with another delay: a longer one keeps more of the recent past (dmc_jax/dms/config.served). Prefill runs DMS's hard parallel form over the prompt (the delayed-eviction
 mask) and keeps what a token-by-token pass would hold after the last prompt token, in position order.
 
 Shape letters: L layers, B batch, K KV heads, C slots, T prompt time, H query heads, Dh head dim.
@@ -36,7 +37,7 @@ from dmc_jax.cache import registry
 from dmc_jax.cache.overflow import check_buffer, check_sizing
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
 from dmc_jax.dms.attention import dms_core
-from dmc_jax.dms.config import DMSConfig, default_section, from_section, validate_section
+from dmc_jax.dms.config import DMSConfig, default_section, from_section, served, validate_section
 from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
 from dmc_jax.errors import UserError
 from dmc_jax.model.attention import decode_attention
@@ -218,7 +219,8 @@ TRAINED = registry.TrainedMethod(
 
 registry.register(registry.MethodSpec(
     name="dms", trained=TRAINED, sized_by_cr=True,
-    defaults={"capacity": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error", "threshold": 0.0},
-    build=lambda s, hparams: DMSCache(from_section(hparams), capacity=s.capacity, target_cr=s.target_cr,
+    defaults={"capacity": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error", "threshold": 0.0,
+              "window": 0},
+    build=lambda s, hparams: DMSCache(served(from_section(hparams), s.window), capacity=s.capacity, target_cr=s.target_cr,
                                       margin=s.margin, on_overflow=s.on_overflow, threshold=float(s.threshold)),
     summary="Dynamic Memory Sparsification: learned delayed eviction (Lancucki et al., NeurIPS 2025)"))

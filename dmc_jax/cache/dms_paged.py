@@ -63,7 +63,7 @@ from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, _write, capacity_for, pr
 from dmc_jax.cache.overflow import check_pool, check_sizing
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
-from dmc_jax.dms.config import DMSConfig, from_section
+from dmc_jax.dms.config import DMSConfig, from_section, served
 from dmc_jax.dms.decisions import read_decision, zero_decision_heads
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import ModelConfig
@@ -324,8 +324,8 @@ class DMSPagedCache(RowOps):
 registry.register(registry.MethodSpec(
     name="dms_paged", trained=TRAINED, sized_by_cr=True,
     defaults={"page_size": 16, "pages": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error",
-              "threshold": 0.0, "attend_growth": 1.4142, "kernels": "auto"},
-    build=lambda s, hparams: DMSPagedCache(from_section(hparams), page_size=s.page_size, pages=s.pages,
+              "threshold": 0.0, "window": 0, "attend_growth": 1.4142, "kernels": "auto"},
+    build=lambda s, hparams: DMSPagedCache(served(from_section(hparams), s.window), page_size=s.page_size, pages=s.pages,
                                            target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow,
                                            threshold=float(s.threshold), attend_growth=s.attend_growth,
                                            kernels=s.kernels),

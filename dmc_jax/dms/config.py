@@ -108,6 +108,16 @@ def from_section(c: ml_collections.ConfigDict) -> DMSConfig:
                      zero_after_rope=c.zero_after_rope, decision=c.get("decision", "q_channel"))
 
 
+def served(dms: DMSConfig, window) -> DMSConfig:
+    """The model's DMS settings with a serving window (cache.dms.window / cache.dms_paged.window; 0 = the trained
+    window w): a marked token then stays visible for `window` more tokens instead of w. A longer window keeps more of
+    the recent past (more slots, lower CR) with the same learned decisions; the cache is sized from it."""
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise UserError(f"cache.dms.window / cache.dms_paged.window must be an int >= 0 (0 = the trained window); "
+                        f"got {window!r}")
+    return dms.replace(window=window) if window else dms
+
+
 def validate_section(c: ml_collections.ConfigDict) -> None:
     if c.target_cr < 1.0:
         raise UserError(f"dms.target_cr must be >= 1; got {c.target_cr}")
