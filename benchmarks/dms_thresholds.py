@@ -2,7 +2,7 @@
 `cache.dms.threshold` / `cache.dms_paged.threshold` for a target CR (and so the pool's bytes) before serving.
 
     .venv/bin/python benchmarks/dms_thresholds.py --model runs/dms_cr8/model200 [--tokens 512] [--sequences 4]
-        [--thresholds 0,0.5,1,2,3,4] [--text-files a.txt,b.txt] [--json runs/dms_thresholds.json]
+        [--thresholds 0,0.5,1,2,3,4] [--window W] [--text-files a.txt,b.txt] [--json runs/dms_thresholds.json]
 
 A positive threshold marks fewer tokens (a token is marked when its decision logit exceeds the threshold), so the
 cache keeps more and the CR falls. Each row prefills `sequences` held-out rows of `tokens` tokens (default: the
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--sequences", type=int, default=4)
     ap.add_argument("--thresholds", default="0,0.5,1,2,3,4")
+    ap.add_argument("--window", type=int, default=0, help="serving window (cache.dms.window); 0 = the trained one")
     ap.add_argument("--text-files", default="", help="comma-separated; '' = the default corpus's held-out works")
     ap.add_argument("--json", default=str(ROOT / "runs" / "dms_thresholds.json"))
     args = ap.parse_args(argv)
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
         lengths_B = jnp.full((n,), T, jnp.int32)
         results = []
         for t in thresholds:
-            method = resolved.make(capacity=T, threshold=t, target_cr=0.0)  # unbounded: nothing forced out
+            method = resolved.make(capacity=T, threshold=t, target_cr=0.0,  # unbounded: nothing forced out
+                                   window=args.window)
             state = method.init(model.cfg, n, T)
             start = time.perf_counter()
             _, state = jax.jit(lambda p, x, l, s: llama.prefill(p, x, l, s, method, model.cfg))(
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = {"model": args.model, "tokens": T, "sequences": n, "text_files": files, "rows": results}
+    out = {"model": args.model, "tokens": T, "sequences": n, "window": method.dms.window, "text_files": files,
+           "rows": results}
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

@@ -41,12 +41,12 @@ def get_config():
     c.retrofit.side_by_side_evals = ("ppl", "passkey")
 
     c.train.objective = "dms"
-    c.train.steps = 160
+    c.train.steps = 250
     c.train.log_every = 5
 
     c.dms = dms_default_config()
     c.dms.target_cr = 8.0
-    c.dms.ramp_steps = 110
+    c.dms.ramp_steps = 150
     c.dms.window = 16               # reference 512: nothing would leave the window at 512 tokens
     c.dms.cr_loss_weight = 10.0     # reference 1: a short run must reach its target
     c.dms.decision_channel = 20     # reference: the last; on SmolLM2 zeroing q[20] costs 0.006 nats (smollm2_dms.py)

@@ -82,7 +82,7 @@ def test_the_dmc_retrofit_puts_the_trained_model_next_to_h2o_and_tova_at_the_cr_
     assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in side["rows"]]
 
 
-def test_the_main_job_retrofits_dms_and_measures_it_next_to_h2o_and_tova_at_its_cr_and_at_its_bytes(tmp_path):
+def test_the_main_job_retrofits_dms_and_measures_it_next_to_h2o_and_tova_at_its_cr_and_at_its_bytes(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [MAIN, *_common(tmp_path, out), "--config.model.compute_dtype=float32", "--config.dms.decision_channel=-1",
             "--config.dms.window=4", "--config.dms.ramp_steps=2", "--config.dms.decision_offset=0.0",
@@ -103,6 +103,14 @@ def test_the_main_job_retrofits_dms_and_measures_it_next_to_h2o_and_tova_at_its_
         (m, r) for m in ("h2o", "tova") for r in ratios)
     report = open(out / "report.md").read()
     assert "dms_paged cache during generation" in report and "(dense bytes / the trained model's bytes: the same memory)" in report
+    # resumed with more steps: the retrained model's row is measured again (the dense row is reused)
+    capsys.readouterr()
+    assert main(["--config", *argv, "--config.train.steps=6"]) == 0
+    out_text = capsys.readouterr().out
+    assert "base|dense|1: measured in the earlier run, reused" in out_text
+    assert "[compare] dms dms_paged CR" in out_text  # measured, not reused (its second pass reuses this run's row)
+    again = json.load(open(out / "results.json"))["results"]
+    assert again["dms"]["tokens_trained"] > results["dms"]["tokens_trained"]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -3,7 +3,8 @@ the same settings reusing the rows already measured (compare.resume).
 
 A row depends on the run-wide settings (measure_settings) and on its own method's cache section: each row records
 that section (`cache_section`), so adding a method to the registry, or changing another method's fields, does not
-invalidate the rows already measured."""
+invalidate the rows already measured. An extra model's rows also record its directory's fingerprint (file names,
+sizes and modification times): a model retrained under the same label (a resumed retrofit) is measured again."""
 
 from __future__ import annotations
 
@@ -62,6 +63,23 @@ def previous_rows(config) -> dict:
     return {r["key"]: r for r in old.get("rows", []) if r.get("key") and not r.get("ppl_skipped")}
 
 
+def source_fingerprint(source: str) -> str:
+    """What a row of an extra model depends on beyond its label: names, sizes and mtimes of the model directory's
+    files (or of the file), else the source string itself (e.g. 'smollm2')."""
+    import hashlib
+
+    if os.path.isdir(source):
+        entries = sorted((name, os.stat(os.path.join(source, name))) for name in os.listdir(source)
+                         if os.path.isfile(os.path.join(source, name)))
+        text = ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in entries)
+    elif os.path.isfile(source):
+        st = os.stat(source)
+        text = f"{os.path.basename(source)}:{st.st_size}:{st.st_mtime_ns}"
+    else:
+        text = source
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Rows(list):
     """The rows so far; the table is rewritten after each one so a long run shows partial results. With rows of an
     earlier run with the same settings (compare.resume), a row already measured is taken from there."""
@@ -84,19 +102,22 @@ class Rows(list):
         os.replace(path + ".tmp", path)
         return compare_report.write_all(self.out_dir, list(self), self.mc_tasks)
 
-    def reuse(self, key: tuple) -> bool:
-        """Appends the earlier run's row for key, if there is one."""
+    def reuse(self, key: tuple, fingerprint: Optional[str] = None) -> bool:
+        """Appends the earlier run's row for key, if there is one (of the same model: `fingerprint`)."""
         row = self.previous.get(row_key(key))
-        if row is None or row.get("cache_section") != self.cache_section(key[1]):
+        if row is None or row.get("cache_section") != self.cache_section(key[1]) or \
+                row.get("fingerprint") != fingerprint:
             return False
         print(f"[compare] {row_key(key)}: measured in the earlier run, reused", flush=True)
         self.append(row)
         return True
 
-    def add(self, key: tuple, measure) -> None:
-        if not self.reuse(key):
+    def add(self, key: tuple, measure, fingerprint: Optional[str] = None) -> None:
+        if not self.reuse(key, fingerprint):
             row = measure()
             row["key"], row["cache_section"] = row_key(key), self.cache_section(key[1])
+            if fingerprint is not None:
+                row["fingerprint"] = fingerprint
             self.append(row)
 
     def append(self, row) -> None:

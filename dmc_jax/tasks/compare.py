@@ -35,7 +35,7 @@ from dmc_jax.cache import model_method, registry
 from dmc_jax.errors import UserError
 from dmc_jax.evaluation import bigbench, compare_grid
 from dmc_jax.evaluation.compare_options import validate
-from dmc_jax.evaluation.compare_rows import Rows, measure_settings, previous_rows, row_key
+from dmc_jax.evaluation.compare_rows import Rows, measure_settings, previous_rows, row_key, source_fingerprint
 from dmc_jax.evaluation.decode_perplexity import decode_perplexity
 from dmc_jax.evaluation.passkey import run_passkey
 from dmc_jax.evaluation.text_files import read_text
@@ -193,7 +193,8 @@ def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: Rows) -> Non
                         f"trained with")
     trained_cr = resolved.hparams.get("target_cr") if trained is not None else None
     grid = compare_grid.extra_rows(label, method, config.compare.ratios, trained_cr)
-    if all(rows.reuse(r.key) for r in grid):
+    fingerprint = source_fingerprint(source)  # a model retrained under the same label is measured again
+    if all(rows.reuse(r.key, fingerprint) for r in grid):
         return
     extra = load_model(extra_config, require_tokenizer=False)  # scored with the base model's tokenizer
     if extra.cfg.vocab_size != base_cfg.vocab_size:
@@ -207,4 +208,4 @@ def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: Rows) -> Non
             if method == "dense":
                 row["ratio"] = kv_cr
             return {**row, "source": source}
-        rows.add(r.key, measure)
+        rows.add(r.key, measure, fingerprint)
