@@ -1,4 +1,5 @@
-"""The embedded default main job: retrofit SmolLM2-135M-Instruct with DMC to CR 2 on the default corpus (CPU).
+"""Retrofit SmolLM2-135M-Instruct with DMC to CR 2 on the default corpus (CPU); the main job until the eighth
+session (now configs/smollm2_main.py, DMS).
 
 python -m dmc_jax.main --config configs/smollm2_dmc.py [--config.output_dir=runs/x] [--config.dmc.target_cr=4]
 

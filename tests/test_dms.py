@@ -209,7 +209,8 @@ def test_serving_window_replaces_the_trained_window_and_bad_values_are_user_erro
         want, s_want = _cached_logits(cfg, params, trained6, tokens_BT, jnp.array([12]), 20)
         np.testing.assert_array_equal(np.stack(got), np.stack(want))
         assert jax.tree.map(np.shape, s_got) == jax.tree.map(np.shape, s_want)
-        trained3, _ = _cached_logits(cfg, params, registry.build(name, section, hparams), tokens_BT, jnp.array([12]), 20)
+        trained3, _ = _cached_logits(cfg, params, registry.build(name, section, hparams), tokens_BT,
+                                     jnp.array([12]), 20)
         assert np.abs(np.stack(trained3) - np.stack(got)).max() > 1e-3  # the window matters on this model
         section[name].window = -1
         with pytest.raises(UserError, match="window must be an int >= 0"):

@@ -180,17 +180,19 @@ def test_an_exhausted_pool_is_a_one_line_error_or_counted_with_evict():
     _, state, _ = _unbalanced_run(tiny, steps=0)
     with pytest.raises(UserError, match=r"^DMS paged cache out of pages for a new sequence: layer 0, KV head 1"):
         tiny.check(state)
-    # With 'evict' the prompt fits: layer 1's heads are reserved their share of the pool (10 // 4 = 2 pages each),
-    # layer 0's split the other 6 (3 pages: their newest 12 tokens, 12 forced out each), layer 1 then needs 1 each.
+    # With 'evict' the prompt fits: layer 1's heads are reserved what they hold whatever they decide, their last
+    # w + 1 = 4 tokens (1 page each); layer 0's split the other 8 (4 pages: their newest 16 tokens, 8 forced out
+    # each), layer 1 then takes its 1 page each: the whole pool, nothing lost.
     tiny_evict = DMSPagedCache(dms, page_size=N, pages=10, on_overflow="evict")
     _, state, _ = _unbalanced_run(tiny_evict, steps=0)
     tiny_evict.check(state)
-    np.testing.assert_array_equal(np.asarray(state["overflow"])[:, 0], [[12, 12], [0, 0]])
+    np.testing.assert_array_equal(np.asarray(state["overflow"])[:, 0], [[8, 8], [0, 0]])
     assert int(np.asarray(state["lost"]).sum()) == 0 and int(state["refused"][1]) == 0
     held = _held_positions(state)
-    assert held[0][0] == [list(range(12, 24))] * 2 and held[1][0] == [[20, 21, 22, 23]] * 2
+    assert held[0][0] == [list(range(8, 24))] * 2 and held[1][0] == [[20, 21, 22, 23]] * 2
+    assert int(state["top"]) == 0
     _check_accounting(state)
-    _, state, _ = _unbalanced_run(tiny_evict)  # then decoding 24 more tokens from 4 free pages: counted, accounted
+    _, state, _ = _unbalanced_run(tiny_evict)  # then decoding 24 more tokens from no free page: counted, accounted
     tiny_evict.check(state)
     assert int(np.asarray(state["overflow"]).sum()) > 24 and int(np.asarray(state["lost"]).sum()) == 0
     _check_accounting(state)

@@ -1,5 +1,5 @@
-"""Task retrofit (the README's main job) end to end on the tiny model: the DMC retrofit, its model directory, and the
-side-by-side step (the trained model through its serving cache next to H2O and TOVA at the CR it reached, decoded
+"""Task retrofit end to end on the tiny model: the DMC retrofit and the DMS main job (configs/smollm2_main.py),
+their model directories, and the side-by-side step (the trained model through its serving cache next to H2O and TOVA at the CR it reached, decoded
 through the caches on the same held-out text, one compare run directory); bad side-by-side options."""
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def test_the_main_job_retrofits_dms_and_measures_it_next_to_h2o_and_tova_at_its_
     assert sorted((r["method"], r["ratio"]) for r in side["rows"] if r["method"] in ("h2o", "tova")) == sorted(
         (m, r) for m in ("h2o", "tova") for r in ratios)
     report = open(out / "report.md").read()
-    assert "dms_paged cache during generation" in report and "(dense bytes / the trained model's bytes: the same memory)" in report
+    assert "dms_paged cache during generation" in report
+    assert "(dense bytes / the trained model's bytes: the same memory)" in report
     # resumed with more steps: the retrained model's row is measured again (the dense row is reused)
     capsys.readouterr()
     assert main(["--config", *argv, "--config.train.steps=6"]) == 0

@@ -77,16 +77,18 @@ def _at(x_BKR, i_BK):
     return jnp.take_along_axis(x_BKR, jnp.broadcast_to(i_BK, x_BKR.shape[:2])[..., None], axis=-1)[..., 0]
 
 
-def _fit_prompt(kept_BKT, marked_BKT, count_BK, free_pages, pool_pages: int, num_layers: int, layer,
-                page_size: int):
-    """on_overflow='evict' at prefill: a prompt never runs the pool dry. Layers prefill one after another, so the
-    heads of the later layers are reserved their equal share of the pool, f = floor(pool / (L * B * K)) pages each;
-    when this layer's heads need more than the rest, each takes at most an equal part of it (>= f pages), and a
-    head over that forces out its marked tokens closest to leaving, then its oldest (DMSCache's rule for a full
-    buffer). Returns (kept_BKT, forced_BK): what each head stores, and how many of its kept tokens it forced out."""
+def _fit_prompt(kept_BKT, marked_BKT, count_BK, free_pages, num_layers: int, layer, page_size: int,
+                window: int):
+    """on_overflow='evict' at prefill: a prompt never runs the pool dry. Layers prefill one after another, so each
+    head of a later layer is reserved the pages of what it holds whatever it decides, its last w + 1 tokens
+    (ceil((w + 1) / N) pages); this layer's heads take what they need from the rest (water-filling: the first
+    layers of a DMS model keep nearly every token, the later ones few), and when they need more than the rest, each
+    takes at most an equal part of it, and a head over that forces out its marked tokens closest to leaving, then its
+    oldest (DMSCache's rule for a full buffer). Returns (kept_BKT, forced_BK): what each head stores, and how many of
+    its kept tokens it forced out."""
     B, K, _ = kept_BKT.shape
-    fair = pool_pages // (num_layers * B * K)
-    available = free_pages - (num_layers - 1 - layer) * B * K * fair  # what the later layers leave this one
+    reserve = -(-(window + 1) // page_size)  # pages a later head holds after any prompt longer than its window
+    available = jnp.maximum(free_pages - (num_layers - 1 - layer) * B * K * reserve, 0)
     need = jnp.sum((count_BK + page_size - 1) // page_size)
     cap_BK = jnp.where(need <= available, count_BK, (available // (B * K)) * page_size)
     forced_BK = jnp.maximum(count_BK - cap_BK, 0).astype(jnp.int32)
@@ -269,8 +271,8 @@ class DMSPagedCache(RowOps):
         free_P, top = push_pages(state["free"], state["top"], state["table"][layer].reshape(-1))
         forced_BK = jnp.zeros_like(count_BK)
         if self.on_overflow == "evict":
-            kept_BKT, forced_BK = _fit_prompt(kept_BKT, marked_BKT, count_BK, top, P, state["table"].shape[0],
-                                              layer, N)
+            kept_BKT, forced_BK = _fit_prompt(kept_BKT, marked_BKT, count_BK, top, state["table"].shape[0],
+                                              layer, N, self.dms.window)
             count_BK = count_BK - forced_BK
         need_BK = (jnp.minimum(count_BK, M * N) + N - 1) // N
         pages_XM, top = pop_pages(free_P, top, need_BK.reshape(-1), M)

@@ -1,4 +1,4 @@
-"""Task `demo` (the README's main job): perplexity of the default model on held-out text, then a generation."""
+"""Task `demo`: perplexity of the default model on held-out text, then a generation."""
 
 from __future__ import annotations
 
