@@ -221,6 +221,6 @@ registry.register(registry.MethodSpec(
     name="dms", trained=TRAINED, sized_by_cr=True,
     defaults={"capacity": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error", "threshold": 0.0,
               "window": 0},
-    build=lambda s, hparams: DMSCache(served(from_section(hparams), s.window), capacity=s.capacity, target_cr=s.target_cr,
-                                      margin=s.margin, on_overflow=s.on_overflow, threshold=float(s.threshold)),
+    build=lambda s, hparams: DMSCache(served(from_section(hparams), s.window), capacity=s.capacity,
+                                      target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow, threshold=float(s.threshold)),
     summary="Dynamic Memory Sparsification: learned delayed eviction (Lancucki et al., NeurIPS 2025)"))

@@ -327,8 +327,8 @@ registry.register(registry.MethodSpec(
     name="dms_paged", trained=TRAINED, sized_by_cr=True,
     defaults={"page_size": 16, "pages": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error",
               "threshold": 0.0, "window": 0, "attend_growth": 1.4142, "kernels": "auto"},
-    build=lambda s, hparams: DMSPagedCache(served(from_section(hparams), s.window), page_size=s.page_size, pages=s.pages,
-                                           target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow,
+    build=lambda s, hparams: DMSPagedCache(served(from_section(hparams), s.window), page_size=s.page_size,
+                                           pages=s.pages, target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow,
                                            threshold=float(s.threshold), attend_growth=s.attend_growth,
                                            kernels=s.kernels),
     summary="DMS over a shared pool of pages: each head holds what it keeps (serving)"))

@@ -76,7 +76,7 @@ def run(config: ml_collections.ConfigDict, model, model_dir: str, label: str) ->
     if methods:
         cr = round(float(trained["logical_cr"]), 2)
         ratios = [cr]
-        bytes_cr = _bytes_cr(first["rows"], trained)
+        bytes_cr = trained.get("bytes_cr")  # dense bytes / its bytes (compare_rows writes it on every row)
         if bytes_cr is not None:
             result["trained_bytes_cr"] = bytes_cr
             if abs(bytes_cr - cr) > 0.01 * cr and round(bytes_cr, 2) >= 1.0:
@@ -89,14 +89,6 @@ def run(config: ml_collections.ConfigDict, model, model_dir: str, label: str) ->
         result["rows"] = second["rows"]
     result["winner"] = _winner(result["rows"], "ppl", lower=True)
     return result
-
-
-def _bytes_cr(rows, trained):
-    """Dense bytes per sequence / the trained model's (the CR its memory corresponds to), or None."""
-    dense = next((r for r in rows if r["method"] == "dense" and r.get("bytes_per_seq")), None)
-    if dense is None or not trained.get("bytes_per_seq"):
-        return None
-    return float(dense["bytes_per_seq"]) / float(trained["bytes_per_seq"])
 
 
 def _winner(rows, key: str, lower: bool):
