@@ -13,6 +13,11 @@ sequence and KV head, and the spread over heads. A token-by-token decode keeps e
 of a decoded sequence of the same length (compare spreads its rows over the text, this takes the first windows:
 for the README's CR-8 DMS model 8.70 against compare's 8.74). Size a paged pool from it: slots per head ~
 tokens / CR plus half a page.
+
+--ppl adds, per threshold, the perplexity of the same rows in DMS's hard parallel form with that threshold and
+window (the no-cache oracle: exactly the tokens an unbounded DMS cache keeps, tests/test_dms.py), one forward pass
+per row instead of a token-by-token decode: a quick way to choose a threshold and serving window before task
+compare measures the chosen ones through the bounded pool (whose overflow evictions this does not model).
 """
 
 from __future__ import annotations
@@ -47,6 +52,18 @@ def held_out_rows(tokenizer, files, tokens: int, sequences: int):
     return np.asarray(ids[: n * tokens], np.int32).reshape(n, tokens)
 
 
+def hard_form_perplexity(model, rows_NT, dms, threshold: float) -> float:
+    """Perplexity of the rows (each its own window) in DMS's hard parallel form; a serving threshold t marks a
+    token when its decision logit exceeds t, i.e. the decision offset grows by t."""
+    from dmc_jax.dms.attention import DMSAttention
+    from dmc_jax.evaluation.perplexity import perplexity
+
+    attention = DMSAttention(dms.replace(mode="hard", decision_offset=dms.decision_offset + threshold))
+    n, T = rows_NT.shape
+    return perplexity(model.params, rows_NT.reshape(-1).tolist(), model.cfg, window=T, stride=T,
+                      attention=attention).perplexity
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a trained DMS model directory (with kv_method.json)")
@@ -55,6 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--thresholds", default="0,0.5,1,2,3,4")
     ap.add_argument("--window", type=int, default=0, help="serving window (cache.dms.window); 0 = the trained one")
     ap.add_argument("--text-files", default="", help="comma-separated; '' = the default corpus's held-out works")
+    ap.add_argument("--ppl", action="store_true", help="also the perplexity of the hard parallel form")
     ap.add_argument("--json", default=str(ROOT / "runs" / "dms_thresholds.json"))
     args = ap.parse_args(argv)
     try:
@@ -100,9 +118,12 @@ def main(argv=None) -> int:
             row = {"threshold": t, "compression_ratio": float(stats["compression_ratio"]),
                    "kept_per_head": float(jnp.mean(stats["kept_LBK"])), "head_cr_min": float(jnp.min(cr_LBK)),
                    "head_cr_max": float(jnp.max(cr_LBK)), "seconds": round(time.perf_counter() - start, 1)}
+            if args.ppl:
+                row["perplexity"] = hard_form_perplexity(model, rows_NT, method.dms, t)
             results.append(row)
             print(f"threshold {t:+.2f}: CR {row['compression_ratio']:.2f} ({row['kept_per_head']:.1f} of {T} "
-                  f"tokens kept per head; heads {row['head_cr_min']:.2f}-{row['head_cr_max']:.2f})", flush=True)
+                  f"tokens kept per head; heads {row['head_cr_min']:.2f}-{row['head_cr_max']:.2f})"
+                  + (f", perplexity {row['perplexity']:.3f}" if args.ppl else ""), flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ def _argv(tmp_path, out, *extra):
             "--config.dmc.decision_offset=0.0", "--config.dmc.target_cr=1.5", *extra]
 
 
-def test_the_dmc_retrofit_puts_the_trained_model_next_to_h2o_and_tova_at_the_cr_it_reached(tmp_path):
+def test_the_dmc_retrofit_puts_the_trained_model_next_to_h2o_and_tova_at_the_cr_it_reached(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--config", *_argv(tmp_path, out)]) == 0
     results = json.load(open(out / "results.json"))["results"]
@@ -77,7 +77,11 @@ def test_the_dmc_retrofit_puts_the_trained_model_next_to_h2o_and_tova_at_the_cr_
     assert "more bytes than the dense cache" in report
     assert os.path.exists(out / "side_by_side" / "compare.md")
     # run again: every row (training and side by side) is reused, nothing is measured twice
+    capsys.readouterr()
     assert main(["--config", *_argv(tmp_path, out)]) == 0
+    out_text = capsys.readouterr().out
+    assert "[compare] base h2o CR" not in out_text and "[compare] base tova CR" not in out_text, out_text
+    assert f"base|h2o|{round(trained_cr, 2):g}: measured in the earlier run, reused" in out_text
     again = json.load(open(out / "results.json"))["results"]["side_by_side"]
     assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in side["rows"]]
 

@@ -382,6 +382,14 @@ def test_save_refuses_existing_dir_unless_overwrite(tmp_path):
     hf_io.save_hf_dir(str(out), cfg, params2, overwrite=True)
     np.testing.assert_array_equal(hf_io.load_hf_dir(str(out))[1]["final_norm"], params2["final_norm"])
     assert sorted(os.listdir(tmp_path)) == ["out"]
+    # the same weights again: the directory is left as it was (files' times included); other weights replace it
+    times = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out)}
+    os.utime(out / "config.json", ns=(1, 1))
+    hf_io.save_hf_dir(str(out), cfg, params2, overwrite=True)
+    assert os.stat(out / "config.json").st_mtime_ns == 1 and sorted(os.listdir(tmp_path)) == ["out"]
+    hf_io.save_hf_dir(str(out), cfg, params, overwrite=True)
+    assert os.stat(out / "config.json").st_mtime_ns != 1 and set(times) == set(os.listdir(out))
+    np.testing.assert_array_equal(hf_io.load_hf_dir(str(out))[1]["final_norm"], params["final_norm"])
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a directory"):
         hf_io.save_hf_dir(str(tmp_path / "file"), cfg, params)

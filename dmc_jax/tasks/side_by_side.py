@@ -58,35 +58,66 @@ def serving_method(config: ml_collections.ConfigDict) -> str:
     return trained.engine_method or trained.serve_method
 
 
+def _previous_trained(out_dir: str, label: str, model_dir: str) -> dict | None:
+    """The trained model's row of an earlier side by side in out_dir (rows.json), if it measured this very model
+    (the same directory fingerprint), else None."""
+    import json
+
+    from dmc_jax.evaluation.compare_rows import ROWS_FILE, source_fingerprint
+
+    try:
+        rows = json.load(open(os.path.join(out_dir, ROWS_FILE))).get("rows", [])
+    except (OSError, ValueError):
+        return None
+    fingerprint = source_fingerprint(model_dir)
+    return next((r for r in rows if r.get("model") == label and r.get("fingerprint") == fingerprint
+                 and r.get("logical_cr") is not None), None)
+
+
+def _eviction_ratios(trained: dict) -> tuple[list, dict]:
+    """(the CRs the eviction rows run at, what the result records about them) for the trained model's row: its
+    logical CR, and the CR of its bytes when that differs by more than 1%."""
+    cr = round(float(trained["logical_cr"]), 2)
+    ratios, info = [cr], {}
+    bytes_cr = trained.get("bytes_cr")  # dense bytes / its bytes (compare_rows writes it on every row)
+    if bytes_cr is not None:
+        info["trained_bytes_cr"] = bytes_cr
+        if abs(bytes_cr - cr) > 0.01 * cr and round(bytes_cr, 2) >= 1.0:
+            info["bytes_ratio"] = round(bytes_cr, 2)
+            ratios.append(info["bytes_ratio"])
+        elif bytes_cr < 1.0:
+            info["bytes_note"] = (f"the trained model's cache allocated more bytes than the dense cache (CR of its "
+                                  f"bytes {bytes_cr:.2f}): no eviction row at its memory")
+    return ratios, info
+
+
 def run(config: ml_collections.ConfigDict, model, model_dir: str, label: str) -> dict:
-    """Measures the rows (module docstring); returns {'dir', 'rows': [...], 'trained_cr', 'winner'}."""
+    """Measures the rows (module docstring); returns {'dir', 'rows': [...], 'trained_cr', 'winner'}.
+
+    Two compare passes: the trained model's row (with the dense one), then the eviction rows at the CRs it gives. A
+    rerun over the same model starts the first pass with the eviction rows at the CRs of the earlier run's trained
+    row, so compare keeps (reuses) them instead of dropping them from rows.json and measuring them again."""
     from dmc_jax.tasks import compare
 
     out_dir = os.path.join(config.output_dir, "side_by_side")
     os.makedirs(out_dir, exist_ok=True)
     extra = (f"{label}|{model_dir}|{serving_method(config)}",)
-    first = compare.run(compare_config(config, out_dir, (), (), extra), model)
+    methods = tuple(config.retrofit.get("side_by_side", DEFAULT_METHODS))
+    earlier = _previous_trained(out_dir, label, model_dir) if methods else None
+    first_ratios = _eviction_ratios(earlier)[0] if earlier else []
+    first = compare.run(compare_config(config, out_dir, methods if first_ratios else (), tuple(first_ratios),
+                                       extra), model)
     trained = next(r for r in first["rows"] if r["model"] == label)
     result = {"dir": out_dir, "rows": first["rows"], "trained_cr": trained.get("logical_cr")}
-    methods = tuple(config.retrofit.get("side_by_side", DEFAULT_METHODS))
     if trained.get("logical_cr") is None:
         result["note"] = (f"the trained model's row was not measured ({trained.get('ppl_skipped', 'no perplexity')}); "
                           f"the eviction methods have no CR to match")
         return result
     if methods:
-        cr = round(float(trained["logical_cr"]), 2)
-        ratios = [cr]
-        bytes_cr = trained.get("bytes_cr")  # dense bytes / its bytes (compare_rows writes it on every row)
-        if bytes_cr is not None:
-            result["trained_bytes_cr"] = bytes_cr
-            if abs(bytes_cr - cr) > 0.01 * cr and round(bytes_cr, 2) >= 1.0:
-                result["bytes_ratio"] = round(bytes_cr, 2)
-                ratios.append(result["bytes_ratio"])
-            elif bytes_cr < 1.0:
-                result["bytes_note"] = (f"the trained model's cache allocated more bytes than the dense cache "
-                                        f"(CR of its bytes {bytes_cr:.2f}): no eviction row at its memory")
-        second = compare.run(compare_config(config, out_dir, methods, tuple(ratios), extra), model)
-        result["rows"] = second["rows"]
+        ratios, info = _eviction_ratios(trained)
+        result.update(info)
+        if ratios != first_ratios:
+            result["rows"] = compare.run(compare_config(config, out_dir, methods, tuple(ratios), extra), model)["rows"]
     result["winner"] = _winner(result["rows"], "ppl", lower=True)
     return result
 

@@ -158,11 +158,26 @@ def _write_model(tmp: str, cfg: ModelConfig, params: Params, max_shard_bytes: in
         json.dump(index, f, indent=2)
 
 
+def _same_files(new: str, old: str) -> bool:
+    """Whether directory old holds exactly new's file names with the same bytes."""
+    import filecmp
+
+    if not os.path.isdir(old) or sorted(os.listdir(new)) != sorted(os.listdir(old)):
+        return False
+    names = os.listdir(new)
+    if not all(os.path.isfile(os.path.join(d, n)) for d in (new, old) for n in names):
+        return False
+    return all(filecmp.cmp(os.path.join(new, n), os.path.join(old, n), shallow=False) for n in names)
+
+
 def save_hf_dir(path: str, cfg: ModelConfig, params: Params, tokenizer_files: Optional[TokenizerFiles] = None,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> None:
     """Writes config.json, generation_config.json, safetensors (+ index when sharded) and tokenizer files.
 
     tokenizer_files: {file name: content} or paths to copy. Refuses a non-empty existing path unless overwrite.
+    An existing directory whose files are byte-identical to what would be written is left untouched (its files'
+    modification times too): a resumed run that exports the same model again does not make it look new to what
+    fingerprints the directory (task compare's rows of an extra model).
     """
     try:
         check_params(cfg, params)
@@ -186,6 +201,9 @@ def save_hf_dir(path: str, cfg: ModelConfig, params: Params, tokenizer_files: Op
         for name in os.listdir(tmp):  # safetensors and mkdtemp create private files; make them like the rest
             os.chmod(os.path.join(tmp, name), 0o644)
         os.chmod(tmp, 0o755)
+        if _same_files(tmp, path):
+            shutil.rmtree(tmp)
+            return
         if os.path.exists(path):
             moved = os.path.join(tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent), "model")
             os.rename(path, moved)
