@@ -2,7 +2,7 @@
 `cache.dms.threshold` / `cache.dms_paged.threshold` for a target CR (and so the pool's bytes) before serving.
 
     .venv/bin/python benchmarks/dms_thresholds.py --model runs/dms_cr8/model200 [--tokens 512] [--sequences 4]
-        [--thresholds 0,0.5,1,2,3,4] [--window W] [--text-files a.txt,b.txt] [--json runs/dms_thresholds.json]
+        [--thresholds=0,0.5,1,2,3,4] [--window W] [--ppl] [--text-files a.txt,b.txt] [--json runs/dms_thresholds.json]
 
 A positive threshold marks fewer tokens (a token is marked when its decision logit exceeds the threshold), so the
 cache keeps more and the CR falls. Each row prefills `sequences` held-out rows of `tokens` tokens (default: the
