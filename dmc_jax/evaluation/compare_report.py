@@ -40,16 +40,38 @@ def _measured(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r.get("skipped") and r.get("ppl") is not None and r.get("ratio") is not None]
 
 
+SAME_COLUMN = 1.25  # a trained model's row joins the grid ratio within this factor of its measured CR
+
+
+def _column(r: dict, grid) -> float:
+    """The CR column a row is reported under: its nominal CR, except for a trained method's row (its nominal CR is
+    the one it was trained for, whatever its serving threshold or window made of it), which goes under the grid
+    ratio nearest its MEASURED CR if one is within a factor SAME_COLUMN, else under its measured CR."""
+    cr = r.get("logical_cr")
+    if not _trained(r["method"]) or cr is None:
+        return float(r["ratio"])
+    near = min(grid, key=lambda x: abs(math.log(cr / x)), default=None)
+    return near if near is not None and abs(math.log(cr / near)) <= math.log(SAME_COLUMN) else round(float(cr), 2)
+
+
+def _columns(rows: list[dict]) -> dict:
+    """id(row) -> its CR column (see _column); the grid: the nominal CRs of the untrained rows, and 1."""
+    grid = sorted({1.0} | {float(r["ratio"]) for r in rows if not _trained(r["method"])})
+    return {id(r): _column(r, grid) for r in rows}
+
+
 def summary_table(rows: list[dict]) -> str:
-    """One line per method (or extra model), one column per nominal CR: 'ppl / passkey / MB per sequence'."""
+    """One line per method (or extra model), one column per CR (nominal; a trained model's row under the ratio its
+    measured CR is nearest, see _column): 'ppl / passkey / MB per sequence'."""
     rows = _measured(rows)
-    ratios = sorted({float(r["ratio"]) for r in rows})
+    col = _columns(rows)
+    ratios = sorted(set(col.values()))
     labels = list(dict.fromkeys(_label(r) for r in rows))
     lines = ["| method | " + " | ".join(f"CR {x:g}" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
     for label in labels:
         cells = []
         for x in ratios:
-            hit = [r for r in rows if _label(r) == label and float(r["ratio"]) == x]
+            hit = [r for r in rows if _label(r) == label and col[id(r)] == x]
             if not hit:
                 cells.append("")
                 continue
@@ -62,11 +84,13 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def winners(rows: list[dict]) -> str:
-    """Which method has the lowest decoded perplexity, and the best passkey accuracy, at each nominal CR > 1."""
+    """Which method has the lowest decoded perplexity, and the best passkey accuracy, at each CR column > 1 (nominal;
+    a trained model's row under the ratio its measured CR is nearest, see _column)."""
     rows = _measured(rows)
+    col = _columns(rows)
     out = []
-    for x in sorted({float(r["ratio"]) for r in rows if float(r["ratio"]) > 1}):
-        at = [r for r in rows if float(r["ratio"]) == x]
+    for x in sorted(v for v in set(col.values()) if v > 1):
+        at = [r for r in rows if col[id(r)] == x]
         best = min(at, key=lambda r: r["ppl"])
         line = f"- CR {x:g}: lowest perplexity {_label(best)} ({best['ppl']:.2f}"
         others = sorted(r["ppl"] for r in at if r is not best)
@@ -157,8 +181,9 @@ def plot_passkey(rows: list[dict], path: str) -> None:
 
 def write_all(out_dir: str, rows: list[dict], mc_tasks) -> dict:
     table = markdown_table(rows, mc_tasks)
-    table += ("\nPer method and nominal CR: perplexity decoded through the cache / passkey accuracy / cache MB per "
-              "sequence\n\n" + summary_table(rows) + "\n" + winners(rows))
+    table += ("\nPer method and CR (nominal; a trained model's row under the ratio nearest its measured CR): perplexity "
+              "decoded through the cache / passkey accuracy / cache MB per sequence\n\n" + summary_table(rows) + "\n"
+              + winners(rows))
     with open(os.path.join(out_dir, "compare.md"), "w", encoding="utf-8") as f:
         f.write(table)
     plot_ppl(rows, os.path.join(out_dir, "ppl_vs_cr.png"))
