@@ -58,20 +58,14 @@ def serving_method(config: ml_collections.ConfigDict) -> str:
     return trained.engine_method or trained.serve_method
 
 
-def _previous_trained(out_dir: str, label: str, model_dir: str) -> dict | None:
-    """The trained model's row of an earlier side by side in out_dir (rows.json), if it measured this very model
-    (the same directory fingerprint), else None."""
-    import json
+def _previous_trained(config, label: str, model_dir: str) -> dict | None:
+    """The trained model's row of an earlier side by side in config.output_dir that compare would reuse (the same settings,
+    compare_rows.previous_rows) and that measured this very model (the same directory fingerprint), else None."""
+    from dmc_jax.evaluation.compare_rows import previous_rows, source_fingerprint
 
-    from dmc_jax.evaluation.compare_rows import ROWS_FILE, source_fingerprint
-
-    try:
-        rows = json.load(open(os.path.join(out_dir, ROWS_FILE))).get("rows", [])
-    except (OSError, ValueError):
-        return None
     fingerprint = source_fingerprint(model_dir)
-    return next((r for r in rows if r.get("model") == label and r.get("fingerprint") == fingerprint
-                 and r.get("logical_cr") is not None), None)
+    return next((r for r in previous_rows(config).values() if r.get("model") == label
+                 and r.get("fingerprint") == fingerprint and r.get("logical_cr") is not None), None)
 
 
 def _eviction_ratios(trained: dict) -> tuple[list, dict]:
@@ -103,7 +97,7 @@ def run(config: ml_collections.ConfigDict, model, model_dir: str, label: str) ->
     os.makedirs(out_dir, exist_ok=True)
     extra = (f"{label}|{model_dir}|{serving_method(config)}",)
     methods = tuple(config.retrofit.get("side_by_side", DEFAULT_METHODS))
-    earlier = _previous_trained(out_dir, label, model_dir) if methods else None
+    earlier = _previous_trained(compare_config(config, out_dir, (), (), extra), label, model_dir) if methods else None
     first_ratios = _eviction_ratios(earlier)[0] if earlier else []
     first = compare.run(compare_config(config, out_dir, methods if first_ratios else (), tuple(first_ratios),
                                        extra), model)
