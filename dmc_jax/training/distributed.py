@@ -163,6 +163,19 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Every process waits here until all have arrived (no-op with one process). Through the coordination service,
+    not a device collective: XLA:CPU's gloo collectives give up when peers arrive ~30 s apart (jax-ml/jax#40831),
+    so a loop that lines its processes up before their first step keeps one process's slower start (restoring,
+    compiling, a loaded machine) out of the collectives."""
+    import jax
+
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.sync_global_processes(f"dmc_jax:{name}", timeout=timeout_s)
+
+
 def describe() -> str:
     """One line: process i of n, local and global device counts."""
     import jax

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from dmc_jax.errors import Interrupted, UserError
 from dmc_jax.model.config import ModelConfig
 from dmc_jax.model.params import flatten, logical_axes
-from dmc_jax.training import offload, sharding
+from dmc_jax.training import distributed, offload, sharding
 from dmc_jax.training.checkpoint import Checkpointer, fingerprint_diffs
 from dmc_jax.training.metrics_log import MetricsWriter
 from dmc_jax.training.objective import CE, WEIGHT, Objective
@@ -407,6 +407,7 @@ class Trainer:
               flush=True)
         self.current = self.start + 1
         try:
+            distributed.barrier("first-step")
             self._catch_up()
             self._train_steps()
         except KeyboardInterrupt:
