@@ -95,6 +95,9 @@ def get_config():
     c.retrofit.side_by_side = ("h2o", "tova")
     c.retrofit.side_by_side_evals = ("ppl",)   # add 'passkey' for retrieval at eval.window tokens (~1 min per row)
     c.retrofit.side_by_side_sequences = 4
+    c.retrofit.calibrate_threshold = False  # DMS served by dms_paged only: the pool's threshold chosen on training text
+    c.retrofit.calibration_files = ""
+    c.retrofit.calibration_rows = 8
 
     c.generate = ml_collections.ConfigDict()
     # A plain continuation: ~40k tokens of Shakespeare do not keep the instruct model's chat behaviour.

@@ -103,7 +103,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         trained.validate(config[trained.section])
         if config.task == "retrofit":
             from dmc_jax.evaluation.side_by_side_options import validate as validate_side_by_side
-            validate_side_by_side(config.retrofit)
+            validate_side_by_side(config.retrofit, config.get("cache"))
         if trained.validate_run is not None:
             trained.validate_run(config[trained.section], config)
     if "distill" in config and config.task in ("train", "retrofit"):

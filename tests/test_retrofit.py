@@ -96,6 +96,10 @@ def test_the_main_job_retrofits_dms_and_measures_it_next_to_h2o_and_tova_at_its_
     assert results["method"] == "dms" and "control" not in results
     assert os.path.exists(out / "dms" / "model" / "kv_method.json")
     assert results["dms"]["generation"]["cache"] == "dms_paged"  # the sample runs in the serving cache configured
+    # the serving threshold chosen on training text fills the pool from below and is what the model directory serves
+    cal = results["dms"]["calibration"]
+    assert cal["rows"] >= 1 and cal["tokens"] == 64 and cal["kept_per_head"] <= cal["target_kept"] < cal["slots_per_head"]
+    assert json.load(open(out / "dms" / "model" / "kv_method.json"))["cache"]["threshold"] == cal["threshold"]
     side = results["side_by_side"]
     trained = next(r for r in side["rows"] if r["method"] == "dms_paged")
     dense = next(r for r in side["rows"] if r["method"] == "dense")
@@ -122,6 +126,7 @@ def test_the_main_job_retrofits_dms_and_measures_it_next_to_h2o_and_tova_at_its_
     ("--config.retrofit.side_by_side=('h2o','magic')", "'magic' is not a cache method"),
     ("--config.retrofit.side_by_side=('corm',)", "'corm' is not a budgeted training-free method"),
     ("--config.retrofit.side_by_side_evals=('mc',)", "retrofit.side_by_side_evals must be"),
+    ("--config.retrofit.calibrate_threshold=True", "retrofit.calibrate_threshold chooses the serving threshold"),
 ])
 def test_bad_side_by_side_options_are_one_line_errors(tmp_path, capsys, override, message):
     out = tmp_path / "run"

@@ -34,7 +34,8 @@ def dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, positions_BT, segment_ids
 @dataclasses.dataclass(frozen=True)
 class DMSAttention:
     """llama.forward_aux(..., attention=DMSAttention(dms), rng=...); aux per layer: alpha_st_BTK (straight-through
-    0/1 decisions for the compression loss) and alpha_BTK (what the mask used). adapter_BTK: the layer's adapter
+    0/1 decisions for the compression loss), alpha_BTK (what the mask used) and a_BTK (the decision logits:
+    dms/calibrate.py chooses a serving threshold from them). adapter_BTK: the layer's adapter
     logits (dms.decision='adapter'; llama.py passes them since reads_adapter is set)."""
 
     dms: DMSConfig
@@ -46,4 +47,4 @@ class DMSAttention:
         a_BTK, q_BTHD = read_decision(q_BTHD, k_BTKD.shape[2], self.dms, adapter_BTK)
         alpha_BTK, alpha_st_BTK, z_BTK = decisions(a_BTK, sequence_starts(B, T, segment_ids_BT), self.dms, rng)
         out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, positions_BT, segment_ids_BT, rope, self.dms)
-        return out_BTHD, {"alpha_st_BTK": alpha_st_BTK, "alpha_BTK": alpha_BTK}
+        return out_BTHD, {"alpha_st_BTK": alpha_st_BTK, "alpha_BTK": alpha_BTK, "a_BTK": a_BTK}

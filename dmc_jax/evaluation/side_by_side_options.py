@@ -11,7 +11,8 @@ from dmc_jax.errors import require
 DEFAULT_METHODS = ("h2o", "tova")
 
 
-def validate(retrofit: ml_collections.ConfigDict) -> None:
+def validate(retrofit: ml_collections.ConfigDict, cache: ml_collections.ConfigDict | None = None) -> None:
+    """retrofit's side-by-side fields; cache: the run's cache section (retrofit.calibrate_threshold needs dms_paged)."""
     methods = tuple(retrofit.get("side_by_side", DEFAULT_METHODS))  # the default task retrofit uses
     for name in methods:
         require(name in registry.names(), f"retrofit.side_by_side: {name!r} is not a cache method; use names from "
@@ -25,3 +26,15 @@ def validate(retrofit: ml_collections.ConfigDict) -> None:
             f"retrofit.side_by_side_evals must be a non-empty tuple of 'ppl' and 'passkey'; got {evals!r}")
     require(int(retrofit.get("side_by_side_sequences", 4)) >= 1,
             f"retrofit.side_by_side_sequences must be >= 1; got {retrofit.get('side_by_side_sequences')!r}")
+    if retrofit.get("calibrate_threshold", False):
+        method = retrofit.get("method", "dmc")
+        serving = (cache or ml_collections.ConfigDict()).get("method", "auto")
+        require(method == "dms" and serving == "dms_paged",
+                f"retrofit.calibrate_threshold chooses the serving threshold of a DMS model's page pool: it needs "
+                f"retrofit.method='dms' and cache.method='dms_paged' (got {method!r} and {serving!r}); set them or "
+                f"set retrofit.calibrate_threshold=False")
+        files = retrofit.get("calibration_files", "")
+        require(isinstance(files, str), f"retrofit.calibration_files must be comma-separated paths ('' = the default "
+                                        f"corpus's training works); got {files!r}")
+        require(int(retrofit.get("calibration_rows", 8)) >= 1,
+                f"retrofit.calibration_rows must be >= 1; got {retrofit.get('calibration_rows')!r}")

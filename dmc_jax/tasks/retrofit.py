@@ -139,6 +139,63 @@ def _generate_sample(params, model, config) -> dict:
             "cache": name, "overflow_merges": int(np.asarray(stats.get("overflow_LBK", 0)).sum())}
 
 
+def _calibration_rows(config, tokenizer) -> np.ndarray | None:
+    """None unless retrofit.calibrate_threshold; else [retrofit.calibration_rows, eval.window] token rows of
+    training text: retrofit.calibration_files, or ('') the training corpus's own files (data.source 'default' or a
+    directory), consecutive windows from the first files; never the held-out text. Read before training, so a
+    missing text is an error before any step runs."""
+    r, T = config.retrofit, int(config.eval.window)
+    if not r.get("calibrate_threshold", False):
+        return None
+    from dmc_jax.data import sources
+
+    n = int(r.get("calibration_rows", 8))
+    files = [f.strip() for f in r.get("calibration_files", "").split(",") if f.strip()]
+    if not files:
+        files = sorted(str(f) for f in sources.resolve(config.data, fetch=True).files)
+        if not files:
+            raise UserError(f"retrofit.calibrate_threshold needs text to calibrate on and data.source="
+                            f"{config.data.source!r} has no local files; set retrofit.calibration_files")
+    ids = []
+    for path in files:
+        ids.extend(tokenizer.encode(read_text(path)))
+        if len(ids) >= n * T:
+            break
+    if len(ids) < T:
+        raise UserError(f"the calibration text ({', '.join(files)}) has {len(ids)} tokens, fewer than eval.window="
+                        f"{T}; give longer retrofit.calibration_files")
+    n = min(n, len(ids) // T)
+    return np.asarray(ids[:n * T], np.int32).reshape(n, T)
+
+
+def _calibrated(config, params, model, rows):
+    """(config, None) unless retrofit.calibrate_threshold; then (a copy of config whose cache.dms_paged.threshold is
+    the one whose kept tokens fill the serving pool on training text, what dms/calibrate.py found). The pool is the
+    one the side by side serves eval.window tokens from: its slots per head of one sequence, less half a page (the
+    average rounding of a head's last page)."""
+    if rows is None:
+        return config, None
+    from dmc_jax.dms import calibrate
+    from dmc_jax.dms.config import from_section
+
+    start = time.perf_counter()
+    T = int(config.eval.window)
+    method = registry.build("dms_paged", config.cache, config.dms)
+    cfg = model.cfg
+    slots = method.pool_pages(cfg, 1, T) * method.page_size / (cfg.num_layers * cfg.num_kv_heads)
+    target = slots - method.page_size / 2
+    found = calibrate.calibrate(params, cfg, from_section(config.dms), rows, target,
+                                start=float(config.cache.dms_paged.threshold))
+    config = copy.deepcopy(config)
+    with config.unlocked():  # the pool's, and the model directory's own DMS cache section (kv_method.json)
+        config.cache.dms_paged.threshold = found.threshold
+        config.cache.dms.threshold = found.threshold
+    info = found.to_dict() | {"slots_per_head": slots, "seconds": time.perf_counter() - start}
+    print(f"serving threshold {found.threshold:+.3f}: {found.kept_per_head:.1f} of {T} tokens kept per head on "
+          f"{found.rows} rows of training text (pool: {slots:.1f} slots per head; target {target:.1f})")
+    return config, info
+
+
 def _side_by_side(config, model, host_params, model_dir: str, label: str):
     """Step 6 (side_by_side.run), or None when retrofit.side_by_side is empty; a row that cannot be measured is
     recorded in its row, and an error here is reported, never losing the trained result."""
@@ -157,6 +214,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
     host_params = jax.device_get(model.params)  # every run starts from the original weights
     ids, files = _heldout_ids(config, model.tokenizer)
     print(f"held-out text: {len(ids)} tokens from {', '.join(os.path.basename(f) for f in files)}")
+    calibration_rows = _calibration_rows(config, model.tokenizer)
     spec = method_of(config)
     trained = spec.trained
     hparams = config[trained.section]
@@ -177,6 +235,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         row = _evaluate(params, ids, model, config, control_attention if control else hard)
         row.update(train=summary, tokens_trained=config.train.steps * config.data.batch_size * config.data.seq_len)
         if not control:  # the model first: a failed sample below must not cost the trained result
+            config, row["calibration"] = _calibrated(config, params, model, calibration_rows)
             cfg = model.cfg.replace(dms_adapter="dms_adapter" in params["layers"])  # a DMS adapter it trained
             row["model_dir"] = model_method.save(os.path.join(sub.output_dir, "model"), cfg,
                                                  jax.device_get(params), model.tokenizer, trained.serve_method,
