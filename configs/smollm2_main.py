@@ -1,5 +1,6 @@
 """The embedded default main job: retrofit SmolLM2-135M-Instruct with DMS (learned delayed eviction) to CR 8 by
-distillation, then put it next to H2O and TOVA at the CR it reached and at its bytes (CPU, ~15 minutes).
+distillation, then put it next to H2O and TOVA at the CR it reached and at its bytes (~23 minutes on a 2-core CPU with
+bf16 matmuls; README "The main job").
 
 python -m dmc_jax.main --config configs/smollm2_main.py [--config.output_dir=runs/x] [--config.train.steps=N]
 
@@ -8,8 +9,9 @@ Task retrofit with retrofit.method='dms' (the DMC main job of earlier versions: 
     2. the DMS retrofit (configs/smollm2_dms.py's recipe, shortened: forward KL to the frozen original model
        computed in the same step, the decision columns of W_q at lr 1e-4 and the rest at lr x 0.1, the CR target
        ramped 1 -> 8 over dms.ramp_steps, recall rows in the data) -> <run>/dms, model in <run>/dms/model;
-    3. held-out perplexity and CR with hard decisions (exactly what the cache keeps), a generation through the
-       paged DMS cache with its bytes, report.md, cr_heatmap.png;
+    3. held-out perplexity and CR with hard decisions (exactly what the cache keeps); the serving threshold chosen
+       on training text so that what the model keeps fills the serving pool (dms/calibrate.py); a generation
+       through the paged DMS cache with its bytes, report.md, cr_heatmap.png;
     4. side by side (task compare's protocol, 512-token held-out sequences decoded token by token through each
        cache, passkey at 512 tokens): the DMS model in a paged pool of H2O's CR-8 bytes next to H2O and TOVA at the
        CR it reached and at the CR its bytes correspond to -> <run>/side_by_side.

@@ -190,6 +190,26 @@ def test_optimizer_state_offloaded_to_host_trains_the_same_and_checkpoints(tmp_p
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
+def _launch_once_more_if_hung(launcher, out, tmp_path):
+    """Runs the launcher; if it timed out (exit 124: XLA:CPU's gloo collectives hung once on a loaded 2-core CI
+    machine, in a resumed launch that takes ~10 s alone), restores the run directory as it was and runs it once
+    more, so a second hang (or any other failure) still fails the test."""
+    import shutil
+
+    snapshot = tmp_path / "run_before_launch"
+    shutil.rmtree(snapshot, ignore_errors=True)
+    if out.exists():
+        shutil.copytree(out, snapshot)
+    proc = subprocess.run(launcher, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    if proc.returncode != 124:
+        return proc
+    print("the launch timed out; run directory restored, launching once more:\n" + proc.stdout[-2000:])
+    shutil.rmtree(out, ignore_errors=True)
+    if snapshot.exists():
+        shutil.copytree(snapshot, out)
+    return subprocess.run(launcher, cwd=ROOT, capture_output=True, text=True, timeout=400)
+
+
 @pytest.mark.slow
 def test_train_task_through_the_launcher_on_two_processes(tmp_path):
     """python launch/local_multiprocess.py -- python -m dmc_jax.main ...: tiny DMC model, real data pipeline; then
@@ -211,8 +231,8 @@ def test_train_task_through_the_launcher_on_two_processes(tmp_path):
     config.mesh.update(data=2, fsdp=2, tensor=2)
     path = _write_config(tmp_path / "tiny_dmc.py", config)
     launcher = [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "--num_processes", "2",
-                "--cpu_devices", "4", "--timeout", "600", "--", sys.executable, "-m", "dmc_jax.main", "--config", path]
-    proc = subprocess.run(launcher, cwd=ROOT, capture_output=True, text=True, timeout=700)
+                "--cpu_devices", "4", "--timeout", "300", "--", sys.executable, "-m", "dmc_jax.main", "--config", path]
+    proc = _launch_once_more_if_hung(launcher, out, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "[1] process 1 of 2: 4 local of 8 cpu devices" in proc.stdout, proc.stdout[-3000:]
     results = json.load(open(out / "results.json"))["results"]
@@ -227,8 +247,7 @@ def test_train_task_through_the_launcher_on_two_processes(tmp_path):
     raw = bytearray(biggest.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     biggest.write_bytes(bytes(raw))
-    proc = subprocess.run(launcher + ["--config.train.steps=6"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=700)
+    proc = _launch_once_more_if_hung(launcher + ["--config.train.steps=6"], out, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "[0] checkpoint step 4 is damaged" in proc.stdout, proc.stdout[-3000:]
     results = json.load(open(out / "results.json"))["results"]

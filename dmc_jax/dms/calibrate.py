@@ -1,4 +1,4 @@
-"""The serving threshold that makes a trained DMS model fill a cache of a given size (kvpress-style calibration).
+"""The serving threshold that makes a trained DMS model fill a cache of a given size.
 
 Training reaches its CR target only on average and one-sidedly (the compression loss is zero once the model evicts
 at least as much as asked), so a model often evicts more than its serving pool has room to keep: the pool's bytes

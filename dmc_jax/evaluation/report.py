@@ -48,6 +48,12 @@ def markdown_table(results: dict) -> str:
         wall = f"{r['train']['training_seconds']:.0f} s" if "train" in r else "-"
         lines.append(f"| {name} | {trained} | {wall} | {r['perplexity']:.3f} | {r['bits_per_byte']:.4f} | "
                      f"{r['compression_ratio']:.2f} |")
+    cal = results.get(run, {}).get("calibration")
+    if cal:
+        lines += ["", f"Serving threshold {cal['threshold']:+.3f} (a token is evicted when its decision logit "
+                      f"exceeds it; training used 0), chosen on {cal['rows']} rows of {cal['tokens']} training tokens "
+                      f"so that the model keeps {cal['kept_per_head']:.1f} tokens per head and fills the serving "
+                      f"pool's {cal['slots_per_head']:.1f} slots; the held-out row above uses 0."]
     gen = results.get(run, {}).get("generation")
     if gen:
         lines += ["", f"{gen.get('cache', results.get('method', 'dmc'))} cache during generation: {gen['tokens_seen']} tokens in {gen['slots_kept_mean']:.1f} "
