@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/dms_thresholds.py --model runs/dms_cr8/model200 [--tokens 512] [--sequences 4]
         [--thresholds=0,0.5,1,2,3,4] [--window W] [--ppl] [--text-files a.txt,b.txt] [--json runs/dms_thresholds.json]
+    .venv/bin/python benchmarks/dms_thresholds.py --model runs/main_job4/dms/model --calibrate 62 [--sequences 8]
 
 A positive threshold marks fewer tokens (a token is marked when its decision logit exceeds the threshold), so the
 cache keeps more and the CR falls. Each row prefills `sequences` held-out rows of `tokens` tokens (default: the
@@ -13,6 +14,13 @@ sequence and KV head, and the spread over heads. A token-by-token decode keeps e
 of a decoded sequence of the same length (compare spreads its rows over the text, this takes the first windows:
 for the README's CR-8 DMS model 8.70 against compare's 8.74). Size a paged pool from it: slots per head ~
 tokens / CR plus half a page.
+
+--calibrate SLOTS chooses the threshold instead of sweeping: the one whose kept tokens per head fill SLOTS (a pool's
+slots per head less half a page), on TRAINING text by default (the default corpus's training works; never the
+held-out text you will measure on), with dmc_jax/dms/calibrate.py, as task retrofit's retrofit.calibrate_threshold
+does after training; it prints the threshold to serve with (cache.dms_paged.threshold) and writes it to the JSON.
+The model runs in its stored dtype (fp32 for our exports), the retrofit in its compute dtype, so the two differ in
+the last digits (the main job's model: +0.556 here, +0.542 in its bf16 retrofit).
 
 --ppl adds, per threshold, the perplexity of the same rows in DMS's hard parallel form with that threshold and
 window (the no-cache oracle: exactly the tokens an unbounded DMS cache keeps, tests/test_dms.py), one forward pass
@@ -64,6 +72,36 @@ def hard_form_perplexity(model, rows_NT, dms, threshold: float) -> float:
                       attention=attention).perplexity
 
 
+def _training_files() -> list:
+    from dmc_jax.data import default_corpus
+
+    root = default_corpus.ensure_default_corpus(default_corpus.DEFAULT_CACHE_DIR) / "train"
+    return sorted(str(p) for p in root.glob("*.txt"))
+
+
+def _calibrate(args, model, saved, files) -> int:
+    """--calibrate: the threshold that fills args.calibrate slots per head on `files`, printed and written."""
+    import ml_collections
+
+    from dmc_jax.dms import calibrate
+    from dmc_jax.dms.config import from_section
+
+    rows_NT = held_out_rows(model.tokenizer, files, args.tokens, args.sequences)
+    dms = from_section(ml_collections.ConfigDict(saved.hparams))
+    if args.window:
+        dms = dms.replace(window=args.window)
+    found = calibrate.calibrate(model.params, model.cfg, dms, rows_NT, args.calibrate)
+    print(f"threshold {found.threshold:+.3f}: {found.kept_per_head:.1f} of {found.tokens} tokens kept per head "
+          f"(target {args.calibrate:.1f}) on {found.rows} rows of {', '.join(os.path.basename(f) for f in files[:3])}"
+          f"{' ...' if len(files) > 3 else ''}; serve with --config.cache.dms_paged.threshold={found.threshold}")
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": args.model, "window": dms.window, "text_files": files,
+                                "calibration": found.to_dict()}, indent=1))
+    print(f"json: {os.path.relpath(path)}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a trained DMS model directory (with kv_method.json)")
@@ -73,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=0, help="serving window (cache.dms.window); 0 = the trained one")
     ap.add_argument("--text-files", default="", help="comma-separated; '' = the default corpus's held-out works")
     ap.add_argument("--ppl", action="store_true", help="also the perplexity of the hard parallel form")
+    ap.add_argument("--calibrate", type=float, default=0.0,
+                    help="choose the threshold that keeps this many tokens per head on training text (no sweep)")
     ap.add_argument("--json", default=str(ROOT / "runs" / "dms_thresholds.json"))
     args = ap.parse_args(argv)
     try:
@@ -98,7 +138,10 @@ def main(argv=None) -> int:
             raise UserError(f"{args.model} is not a trained DMS model directory (its kv_method.json names no DMS "
                             f"method); give the export_dir of a DMS training run")
         model = load_model(args.model)
-        files = [f for f in args.text_files.split(",") if f.strip()] or default_corpus.heldout_files()
+        files = [f for f in args.text_files.split(",") if f.strip()]
+        if args.calibrate:
+            return _calibrate(args, model, saved, files or _training_files())
+        files = files or default_corpus.heldout_files()
         rows_NT = held_out_rows(model.tokenizer, files, args.tokens, args.sequences)
         config = ml_collections.ConfigDict({"model": {"source": args.model}, "cache": registry.default_config()})
         config.cache.method = "dms"
