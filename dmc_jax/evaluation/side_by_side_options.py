@@ -34,7 +34,7 @@ def validate(retrofit: ml_collections.ConfigDict, cache: ml_collections.ConfigDi
                 f"retrofit.method='dms' and cache.method='dms_paged' (got {method!r} and {serving!r}); set them or "
                 f"set retrofit.calibrate_threshold=False")
         files = retrofit.get("calibration_files", "")
-        require(isinstance(files, str), f"retrofit.calibration_files must be comma-separated paths ('' = the default "
-                                        f"corpus's training works); got {files!r}")
+        require(isinstance(files, str), f"retrofit.calibration_files must be comma-separated paths ('' = the training "
+                                        f"corpus's own files); got {files!r}")
         require(int(retrofit.get("calibration_rows", 8)) >= 1,
                 f"retrofit.calibration_rows must be >= 1; got {retrofit.get('calibration_rows')!r}")
