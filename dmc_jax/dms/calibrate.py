@@ -6,7 +6,8 @@ are paid for and partly idle. A serving threshold t marks a token when its decis
 threshold / cache.dms_paged.threshold: positive keeps more). This module picks the t whose kept tokens fill a
 target number of slots per head, on calibration text (never the evaluation text): the token-by-token cache keeps,
 after the last of T tokens, the w + 1 most recent tokens of each head and every older token j whose successor's
-logit a_{j+1} does not exceed t, exactly DMS's hard parallel form (tests/test_dms.py; the count: tests/test_dms_calibrate.py), so
+logit a_{j+1} does not exceed t, exactly DMS's hard parallel form (tests/test_dms.py; the count below:
+tests/test_dms_calibrate.py), so
 
     kept(t) = T - #{ j < T - 1 - w : a_{j+1} > t }        per (layer, row, KV head)
 
