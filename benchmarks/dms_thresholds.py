@@ -41,25 +41,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def held_out_rows(tokenizer, files, tokens: int, sequences: int):
-    """[sequences, tokens] int32 from the files' text, consecutive windows; fewer rows if the text runs out."""
-    import numpy as np
-
-    from dmc_jax.errors import UserError
-    from dmc_jax.evaluation.text_files import read_text
-
-    ids = []
-    for path in files:
-        ids += tokenizer.encode(read_text(path))
-        if len(ids) >= tokens * sequences:
-            break
-    n = min(sequences, len(ids) // tokens)
-    if n == 0:
-        raise UserError(f"the text has {len(ids)} tokens, fewer than --tokens={tokens}; give longer --text-files "
-                        f"or a smaller --tokens")
-    return np.asarray(ids[: n * tokens], np.int32).reshape(n, tokens)
-
-
 def hard_form_perplexity(model, rows_NT, dms, threshold: float) -> float:
     """Perplexity of the rows (each its own window) in DMS's hard parallel form; a serving threshold t marks a
     token when its decision logit exceeds t, i.e. the decision offset grows by t."""
@@ -85,8 +66,9 @@ def _calibrate(args, model, saved, files) -> int:
 
     from dmc_jax.dms import calibrate
     from dmc_jax.dms.config import from_section
+    from dmc_jax.evaluation.text_files import token_rows
 
-    rows_NT = held_out_rows(model.tokenizer, files, args.tokens, args.sequences)
+    rows_NT = token_rows(model.tokenizer, files, args.tokens, args.sequences)
     dms = from_section(ml_collections.ConfigDict(saved.hparams))
     if args.window:
         dms = dms.replace(window=args.window)
@@ -128,6 +110,7 @@ def main(argv=None) -> int:
     from dmc_jax.cache import model_method, registry
     from dmc_jax.data import default_corpus
     from dmc_jax.errors import UserError
+    from dmc_jax.evaluation.text_files import token_rows
     from dmc_jax.model import llama
     from dmc_jax.weights.load import load_model
 
@@ -142,7 +125,7 @@ def main(argv=None) -> int:
         if args.calibrate:
             return _calibrate(args, model, saved, files or _training_files())
         files = files or default_corpus.heldout_files()
-        rows_NT = held_out_rows(model.tokenizer, files, args.tokens, args.sequences)
+        rows_NT = token_rows(model.tokenizer, files, args.tokens, args.sequences)
         config = ml_collections.ConfigDict({"model": {"source": args.model}, "cache": registry.default_config()})
         config.cache.method = "dms"
         resolved = model_method.resolve(config)

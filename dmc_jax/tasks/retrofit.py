@@ -32,7 +32,7 @@ from dmc_jax.cache.protocol import state_bytes
 from dmc_jax.cache.dense import DenseCache
 from dmc_jax.errors import UserError
 from dmc_jax.evaluation.perplexity import perplexity
-from dmc_jax.evaluation.text_files import read_text
+from dmc_jax.evaluation.text_files import read_text, token_rows
 from dmc_jax.evaluation.report import cr_heatmap, markdown_table
 from dmc_jax.inference.generate import GenerateConfig, generate
 from dmc_jax.model import llama
@@ -156,16 +156,7 @@ def _calibration_rows(config, tokenizer) -> np.ndarray | None:
         if not files:
             raise UserError(f"retrofit.calibrate_threshold needs text to calibrate on and data.source="
                             f"{config.data.source!r} has no local files; set retrofit.calibration_files")
-    ids = []
-    for path in files:
-        ids.extend(tokenizer.encode(read_text(path)))
-        if len(ids) >= n * T:
-            break
-    if len(ids) < T:
-        raise UserError(f"the calibration text ({', '.join(files)}) has {len(ids)} tokens, fewer than eval.window="
-                        f"{T}; give longer retrofit.calibration_files")
-    n = min(n, len(ids) // T)
-    return np.asarray(ids[:n * T], np.int32).reshape(n, T)
+    return token_rows(tokenizer, files, T, n, what="retrofit.calibration_files")
 
 
 def _calibrated(config, params, model, rows):
