@@ -7,6 +7,9 @@
     restore:  python -m tests.distributed_worker restore CKPT_DIR DATA,FSDP,TENSOR
               restores the last checkpoint's arrays onto that mesh and onto one device; prints a JSON line with the
               specs used and the parameter checksums
+    skew:     python -m tests.distributed_worker skew lined_up|plain SECONDS
+              the last process sleeps SECONDS before its first call of a jitted reduce-scatter over every device
+              (as if it compiled that long); 'lined_up' calls it through distributed.LinedUp; prints the sums
 """
 
 from __future__ import annotations
@@ -111,7 +114,42 @@ def restore(ckpt_dir: str, mesh: tuple) -> None:
     print("restored", json.dumps(out), flush=True)
 
 
+def skew(mode: str, seconds: float) -> None:
+    import time
+
+    import ml_collections
+
+    from dmc_jax.training import distributed
+
+    config = ml_collections.ConfigDict({"distributed": distributed.default_config()})
+    distributed.initialize(config)
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    n = jax.device_count()
+    scatter = jax.jit(jax.shard_map(lambda x: jax.lax.psum_scatter(x, "d", tiled=True), mesh=mesh,
+                                    in_specs=P("d"), out_specs=P("d")))
+    fn = distributed.LinedUp(scatter, "skew") if mode == "lined_up" else scatter
+    from jax.experimental import multihost_utils
+
+    per = jax.local_device_count() * n  # each device holds n values of arange(n * n); the reduce-scatter sums them
+    local = np.arange(n * n, dtype=np.float32)[jax.process_index() * per:(jax.process_index() + 1) * per]
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local, (n * n,))
+    if jax.process_index() == jax.process_count() - 1:
+        time.sleep(seconds)
+    t0 = time.perf_counter()
+    y = fn(x)
+    total = float(np.sum(multihost_utils.process_allgather(y, tiled=True)))
+    print("skew", json.dumps({"process": jax.process_index(), "sum": total, "seconds": time.perf_counter() - t0}),
+          flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "skew":
+        skew(sys.argv[2], float(sys.argv[3]))
+        sys.exit(0)
     what, path, sizes = sys.argv[1], sys.argv[2], tuple(int(x) for x in sys.argv[3].split(","))
     if what == "train":
         train(path, sizes, int(sys.argv[4]) if len(sys.argv) > 4 else 1)

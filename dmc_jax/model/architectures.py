@@ -23,4 +23,5 @@ ARCHITECTURES = {
 # Hugging Face model names (meta- and -hf dropped, lower case) of the architectures above.
 SOURCE_NAMES = {"llama-2-7b": "llama2_7b", "llama-2-13b": "llama2_13b", "llama-2-70b": "llama2_70b",
                 "llama-3-8b": "llama3_8b", "llama-3.1-8b": "llama3_8b", "llama-3-70b": "llama3_70b",
-                "llama-3.1-70b": "llama3_70b", "smollm2-135m": "smollm2_135m"}
+                "llama-3.1-70b": "llama3_70b", "smollm2": "smollm2_135m", "smollm2-135m": "smollm2_135m",
+                "smollm2-135m-instruct": "smollm2_135m"}

@@ -9,11 +9,11 @@ kv_method.json: the trained method of the objective, else the cache method), whi
 from __future__ import annotations
 
 import jax
-from jax.experimental import multihost_utils
 
 from dmc_jax.data import pipeline
 from dmc_jax.data.prepare import prepare
 from dmc_jax.errors import UserError
+from dmc_jax.training import distributed
 from dmc_jax.training.loop import TrainData, train
 from dmc_jax.training.objective import make_objective
 
@@ -32,8 +32,7 @@ def run(config, model) -> dict:
     objective = make_objective(config.train.objective, config, model.cfg)  # bad objective options fail first
     if jax.process_index() == 0:  # one process prepares the corpus (idempotent); the others wait for it
         prepare(config.data, tokenizer)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("dmc_jax prepare_data")
+    distributed.barrier("prepare-data")  # coordination service: process 0 may take minutes here
     eval_data = None
     if config.train.eval_every:
         eval_dataset = pipeline.make_eval_dataset(config.data, tokenizer)  # fails now, not mid-run, if missing

@@ -21,13 +21,13 @@ written by a run with a different fingerprint, is a one-line UserError.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
 from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from dmc_jax.data import checkpointing as data_ckpt
@@ -177,17 +177,19 @@ class Checkpointer:
         if jax.process_count() == 1:
             step = self._newest_intact()
         else:  # process 0 checks and moves; every process restores the step it chose
-            from jax.experimental import multihost_utils
+            from dmc_jax.training import distributed
 
-            step, error = None, ""
+            choice = None
             if jax.process_index() == 0:
                 try:
-                    step = self._newest_intact()
+                    choice = json.dumps({"step": self._newest_intact()})
                 except UserError as e:
-                    error = str(e)
-            step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
-            if step < 0:
-                raise UserError(error or f"no intact checkpoint in {self.directory} (see process 0's error)")
+                    choice = json.dumps({"error": str(e)})
+            choice = json.loads(distributed.share_from_main("restore-step", choice))
+            if "error" in choice:
+                raise UserError(choice["error"] if jax.process_index() == 0 else
+                                f"no intact checkpoint in {self.directory} (process 0: {choice['error']})")
+            step = choice["step"]
         self._mngr.reload()  # steps moved aside are gone from its list
         state, iterator, meta = self._restore(step, abstract_state, iterator, fingerprint)
         return Restored(step, state, iterator, meta.get("log"))

@@ -152,8 +152,21 @@ def initialize(config, environ: Optional[Mapping[str, str]] = None) -> Plan:
         raise UserError(f"jax.distributed.initialize failed ({p.source}: {what}): {type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:300]}; check that every process was started "
                         f"with the same coordinator and process count") from None
+    _orbax_barriers_through_the_coordination_service()
     _initialized = p
     return p
+
+
+def _orbax_barriers_through_the_coordination_service() -> None:
+    """Orbax's own barriers (around every save and restore) are device collectives unless its absl flag
+    experimental_orbax_use_distributed_barrier is set; on CPU a device collective whose processes arrive 30 s
+    apart fails (see barrier). This program is not an absl app, so the flags are marked parsed first (defaults)."""
+    from absl import flags
+    from orbax.checkpoint import multihost  # noqa: F401  (defines the flag)
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
 
 
 def is_main_process() -> bool:
@@ -163,17 +176,74 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+_barriers: dict = {}  # name -> times waited: every process passes the same barriers in the same order
+
+
 def barrier(name: str, timeout_s: int = 1800) -> None:
-    """Every process waits here until all have arrived (no-op with one process). Through the coordination service,
-    not a device collective: XLA:CPU's gloo collectives give up when peers arrive ~30 s apart (jax-ml/jax#40831),
-    so a loop that lines its processes up before their first step keeps one process's slower start (restoring,
-    compiling, a loaded machine) out of the collectives."""
+    """Every process waits here until all have arrived (no-op with one process). Through the coordination service
+    (the jax distributed client's wait_at_barrier), not a device collective: on XLA:CPU the first collective of a
+    device group sets up a gloo context whose key exchange gives up after 30 s, so a collective (jax's
+    sync_global_devices, which orbax's sync_global_processes uses by default) whose processes arrive 30 s apart
+    fails or hangs (jax-ml/jax#40831; reproduced by tests/distributed_worker.py skew)."""
     import jax
 
     if jax.process_count() > 1:
         from orbax.checkpoint import multihost
 
-        multihost.sync_global_processes(f"dmc_jax:{name}", timeout=timeout_s)
+        _barriers[name] = _barriers.get(name, 0) + 1
+        multihost.get_jax_distributed_client().wait_at_barrier(f"dmc_jax:{name}:{_barriers[name]}",
+                                                               timeout_s * 1000)
+
+
+class LinedUp:
+    """A jitted function whose processes run each new program together: the first call with new argument shapes
+    compiles it (AOT, into jit's own cache), waits at a coordination-service barrier for every process to have
+    compiled too, then runs. Without this, one process compiling for 40 s while a peer (that found the program in
+    the persistent cache) waits in the program's first reduce-scatter fails the run: XLA:CPU's gloo reduce-scatter
+    gives up after 30 s whatever --xla_cpu_collective_timeout_seconds says (jax-ml/jax#40831). One process: a
+    plain call. Everything else (.lower, ...) goes to the jitted function."""
+
+    def __init__(self, jitted, name: str):
+        self._jitted, self._name, self._seen = jitted, name, set()
+
+    def __call__(self, *args):
+        import jax
+
+        if jax.process_count() > 1:
+            leaves, tree = jax.tree.flatten(args)
+            key = (tree, tuple((getattr(x, "shape", ()), str(getattr(x, "dtype", type(x)))) for x in leaves))
+            if key not in self._seen:
+                self._jitted.lower(*args).compile()
+                barrier(f"{self._name}:{len(self._seen)}")
+                self._seen.add(key)
+        return self._jitted(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)
+
+
+_shared_calls = 0  # share_from_main calls so far: every process makes them in the same order, so the n-th call
+# of each process reads the key process 0 wrote in its n-th
+
+
+def share_from_main(name: str, value: str | None, timeout_s: int = 1800) -> str:
+    """Process 0's `value` on every process (the others pass None), through the coordination service's key-value
+    store, not a device collective: process 0 may get there minutes after the others (it checks checksums,
+    prepares data) and a gloo broadcast does not wait that long (see barrier). One process: `value` back."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    global _shared_calls
+    from orbax.checkpoint import multihost
+
+    _shared_calls += 1
+    key = f"dmc_jax:share:{_shared_calls}:{name}"
+    client = multihost.get_jax_distributed_client()
+    if jax.process_index() == 0:
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, timeout_s * 1000)
 
 
 def describe() -> str:

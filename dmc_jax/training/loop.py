@@ -132,10 +132,10 @@ def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None, 
     f_sh = None if frozen is None else sharding.param_shardings(
         logical_axes(getattr(objective, "teacher_cfg", None) or cfg), frozen, mesh, rules)
     extra = () if frozen is None else (f_sh,)  # the steps take `frozen` as a last argument only when there is one
-    train_step = jax.jit(hints(step_fn),
-                         in_shardings=(p_sh, o_sh, b_sh, rep, rep, *extra), out_shardings=(p_sh, o_sh, rep),
-                         donate_argnums=(0, 1))
-    eval_step = jax.jit(hints(make_eval_step(objective)), in_shardings=(p_sh, b_sh, rep, *extra), out_shardings=rep)
+    train_step = distributed.LinedUp(jax.jit(hints(step_fn), in_shardings=(p_sh, o_sh, b_sh, rep, rep, *extra),
+                                             out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1)), "train-step")
+    eval_step = distributed.LinedUp(jax.jit(hints(make_eval_step(objective)), in_shardings=(p_sh, b_sh, rep, *extra),
+                                            out_shardings=rep), "eval-step")
     return Setup(mesh, rules, p_sh, o_sh, b_sh, rep, tx, schedule, train_step, eval_step, f_sh)
 
 
@@ -356,10 +356,8 @@ class Trainer:
         decides from metrics.jsonl; every process evaluates)."""
         need = bool(self.resumed_from and self._due(self.resumed_from)[2] and not any(
             r.get("step") == self.resumed_from and "eval/loss" in r for r in self.writer.kept))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            need = bool(multihost_utils.broadcast_one_to_all(np.int32(need)))
+        mine = str(int(need)) if jax.process_index() == 0 else None
+        need = distributed.share_from_main("catch-up-eval", mine) == "1"
         if need:
             self._evaluate(self.resumed_from)
 
