@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/data_throughput.py [--corpus DIR] [--tokenizer smollm2|byte] [--threads 0,1,2]
         [--batches 150] [--seq-len 512] [--batch 8] [--no-train-step] [--json PATH]
 
-Prepares the corpus (default: ../shared/corpus, 22 MB of documentation prose) into data_cache/bench_tfds once,
+Prepares the corpus (default: the default corpus's training works, 4.9 MB, fetched by scripts/setup.sh; any
+directory of .txt/.md files with --corpus) into data_cache/bench_tfds once,
 then times the grain pipeline (read, tokenize, pack, shuffle, batch) over --batches batches for each thread count,
 after one warm-up batch. The training-step reference is a jitted forward + backward of the causal LM loss of
 SmolLM2-135M on one batch (median of 3 after compilation): the part of a training step that scales with tokens.
@@ -86,7 +87,8 @@ def train_step_tokens_per_second(cfg, tokenizer_name: str, repeats: int = 3) -> 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
+    parser.add_argument("--corpus", default="", help="a directory of text files ('' = the default corpus's training "
+                                                     "works)")
     parser.add_argument("--tokenizer", default="smollm2")
     parser.add_argument("--threads", default="0,1,2")
     parser.add_argument("--batches", type=int, default=150)
@@ -98,6 +100,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     cfg = options.default_config()
+    if not args.corpus:
+        from dmc_jax.data.default_corpus import DEFAULT_CACHE_DIR, ensure_default_corpus, train_dir
+
+        ensure_default_corpus(DEFAULT_CACHE_DIR)
+        args.corpus = str(train_dir(DEFAULT_CACHE_DIR))
     cfg.source, cfg.data_dir = args.corpus, args.data_dir
     cfg.seq_len, cfg.batch_size = args.seq_len, args.batch
     tokenizer = _tokenizer(args.tokenizer)

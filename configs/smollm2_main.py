@@ -31,7 +31,7 @@ from dmc_jax.cache import registry as cache_registry
 from dmc_jax.config_loader import load_config_file
 from dmc_jax.dms.objective import default_config as dms_default_config
 from dmc_jax.model import cpu_features
-from dmc_jax.training.distill import default_config as distill_default_config
+from dmc_jax.training import distill
 
 
 def get_config():
@@ -58,18 +58,8 @@ def get_config():
     c.dms.cr_loss_weight = 10.0     # reference 1: a short run must reach its target
     c.dms.decision_channel = 20     # reference: the last; on SmolLM2 zeroing q[20] costs 0.006 nats (smollm2_dms.py)
 
-    c.data.recall_fraction = 0.5    # half of the rows carry two facts restated later (dmc_jax/data/recall.py)
-    c.data.recall_facts = 2
-
-    c.distill = distill_default_config()
-    c.distill.loss = "kl"
-    c.distill.base_lr_scale = 0.1
-    c.distill.decision_lr_scale = 1.0
-
-    c.optim.lr = 1e-4
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = 5
-    c.optim.weight_decay = 0.0
+    # forward KL to the original, base at lr x 0.1, decision columns at lr 1e-4 (constant), recall rows
+    distill.apply_recipe(c, base_lr_scale=0.1)
     c.checkpoint.every_steps = 20
 
     # The serving cache of the side by side and the generation sample: one pool shared by every head, sized as

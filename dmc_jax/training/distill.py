@@ -43,6 +43,17 @@ def default_config() -> ml_collections.ConfigDict:
                                           decision_lr_scale=1.0))
 
 
+def apply_recipe(config: ml_collections.ConfigDict, base_lr_scale: float = 0.1) -> None:
+    """The CPU distillation recipe every learned method here shares (configs/smollm2_main.py for DMS,
+    smollm2_dmc_distill.py, smollm2_gqa_distill.py), set on a run config: forward KL to the frozen teacher, no LM
+    term; the base at lr x base_lr_scale and the decision parameters at lr; a constant 1e-4 after 5 warm-up steps,
+    no weight decay; half of the rows carry two facts restated later (data/recall.py)."""
+    config.distill = default_config()
+    config.distill.update(loss="kl", base_lr_scale=base_lr_scale, decision_lr_scale=1.0)
+    config.data.update(recall_fraction=0.5, recall_facts=2)
+    config.optim.update(lr=1e-4, schedule="constant", warmup_steps=5, weight_decay=0.0)
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     if c.loss not in LOSSES:
         raise UserError(f"distill.loss must be one of {', '.join(LOSSES)}; got {c.loss!r}")
