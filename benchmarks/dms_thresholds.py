@@ -56,8 +56,8 @@ def hard_form_perplexity(model, rows_NT, dms, threshold: float) -> float:
 def _training_files() -> list:
     from dmc_jax.data import default_corpus
 
-    root = default_corpus.ensure_default_corpus(default_corpus.DEFAULT_CACHE_DIR) / "train"
-    return sorted(str(p) for p in root.glob("*.txt"))
+    default_corpus.ensure_default_corpus(default_corpus.DEFAULT_CACHE_DIR)
+    return sorted(str(p) for p in default_corpus.train_dir(default_corpus.DEFAULT_CACHE_DIR).glob("*.txt"))
 
 
 def _calibrate(args, model, saved, files) -> int:

@@ -176,7 +176,13 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-_barriers: dict = {}  # name -> times waited: every process passes the same barriers in the same order
+_uses: dict = {}  # (kind, name) -> times used: every process passes the same barriers and shares in the same
+# order, so the n-th use of a name is the same coordination-service key on every process
+
+
+def _key(kind: str, name: str) -> str:
+    _uses[kind, name] = _uses.get((kind, name), 0) + 1
+    return f"dmc_jax:{kind}:{name}:{_uses[kind, name]}"
 
 
 def barrier(name: str, timeout_s: int = 1800) -> None:
@@ -190,9 +196,7 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
     if jax.process_count() > 1:
         from orbax.checkpoint import multihost
 
-        _barriers[name] = _barriers.get(name, 0) + 1
-        multihost.get_jax_distributed_client().wait_at_barrier(f"dmc_jax:{name}:{_barriers[name]}",
-                                                               timeout_s * 1000)
+        multihost.get_jax_distributed_client().wait_at_barrier(_key("barrier", name), timeout_s * 1000)
 
 
 class LinedUp:
@@ -214,16 +218,12 @@ class LinedUp:
             key = (tree, tuple((getattr(x, "shape", ()), str(getattr(x, "dtype", type(x)))) for x in leaves))
             if key not in self._seen:
                 self._jitted.lower(*args).compile()
-                barrier(f"{self._name}:{len(self._seen)}")
+                barrier(self._name)
                 self._seen.add(key)
         return self._jitted(*args)
 
     def __getattr__(self, name):
         return getattr(self._jitted, name)
-
-
-_shared_calls = 0  # share_from_main calls so far: every process makes them in the same order, so the n-th call
-# of each process reads the key process 0 wrote in its n-th
 
 
 def share_from_main(name: str, value: str | None, timeout_s: int = 1800) -> str:
@@ -234,11 +234,9 @@ def share_from_main(name: str, value: str | None, timeout_s: int = 1800) -> str:
 
     if jax.process_count() == 1:
         return value
-    global _shared_calls
     from orbax.checkpoint import multihost
 
-    _shared_calls += 1
-    key = f"dmc_jax:share:{_shared_calls}:{name}"
+    key = _key("share", name)
     client = multihost.get_jax_distributed_client()
     if jax.process_index() == 0:
         client.key_value_set(key, value)
