@@ -190,9 +190,20 @@ def test_optimizer_state_offloaded_to_host_trains_the_same_and_checkpoints(tmp_p
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
-def _tail(stdout: str, chars: int = 3000) -> str:
-    """The launcher's output without gloo's connection lines (one per rank and group), its last `chars`."""
-    return "\n".join(line for line in stdout.splitlines() if "[Gloo] Rank" not in line)[-chars:]
+def _tail(stdout: str, lines: int = 40) -> str:
+    """The launcher's output for a failure message: every error-looking line, then each process's last `lines`
+    lines (so a hang shows both processes' stacks), without gloo's connection lines, faulthandler's module list and
+    jax's compile log."""
+    kept = [line for line in stdout.splitlines()
+            if line.strip() and not any(w in line for w in ("[Gloo] Rank", "Extension modules:", "<frozen runpy>",
+                                                            "WARNING:jax._src"))]
+    errors = [line for line in kept if any(w in line for w in ("rror", "DEADLINE", "timed out", "Gloo"))]
+    parts = ["errors:"] + errors[-20:]
+    for i in sorted({line[1:line.index("]")] for line in kept if line.startswith("[") and "]" in line}):
+        mine = [line for line in kept if line.startswith(f"[{i}]")]
+        parts += [f"process {i}, last {lines} lines:"] + mine[-lines:]
+    other = [line for line in kept if not line.startswith("[")]
+    return "\n".join(parts + ["launcher:"] + other[-5:])
 
 
 @pytest.mark.slow
@@ -236,6 +247,7 @@ def test_train_task_through_the_launcher_on_two_processes(tmp_path):
     launcher = [sys.executable, os.path.join(ROOT, "launch", "local_multiprocess.py"), "--num_processes", "2",
                 "--cpu_devices", "4", "--timeout", "300", "--", sys.executable, "-m", "dmc_jax.main", "--config", path]
     proc = subprocess.run(launcher, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    (tmp_path / "launch-1.log").write_text(proc.stdout)  # the whole output, kept with pytest's last temp dirs
     assert proc.returncode == 0, _tail(proc.stdout)
     assert "[1] process 1 of 2: 4 local of 8 cpu devices" in proc.stdout, _tail(proc.stdout)
     results = json.load(open(out / "results.json"))["results"]
@@ -250,10 +262,14 @@ def test_train_task_through_the_launcher_on_two_processes(tmp_path):
     raw = bytearray(biggest.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     biggest.write_bytes(bytes(raw))
+    # jax logs each program it takes from the persistent cache (conftest sets one): on CPU with several
+    # processes it is off (distributed._no_persistent_cache_on_cpu): process 0 runs no earlier launch's build.
     proc = subprocess.run(launcher + ["--config.train.steps=6"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=400)
+                          timeout=400, env=dict(os.environ, JAX_LOG_COMPILES="1"))
+    (tmp_path / "launch-2.log").write_text(proc.stdout)
     assert proc.returncode == 0, _tail(proc.stdout)
     assert "[0] checkpoint step 4 is damaged" in proc.stdout, _tail(proc.stdout)
+    assert "compilation cache hit" not in proc.stdout.lower(), _tail(proc.stdout)
     results = json.load(open(out / "results.json"))["results"]
     assert results["resumed_from"] == 2 and results["last_checkpoint"] == 6
     assert (out / "checkpoints" / "damaged" / "4").is_dir()

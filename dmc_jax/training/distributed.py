@@ -153,8 +153,22 @@ def initialize(config, environ: Optional[Mapping[str, str]] = None) -> Plan:
                         f"{(str(e).strip().splitlines() or [''])[0][:300]}; check that every process was started "
                         f"with the same coordinator and process count") from None
     _orbax_barriers_through_the_coordination_service()
+    _no_persistent_cache_on_cpu()
     _initialized = p
     return p
+
+
+def _no_persistent_cache_on_cpu() -> None:
+    """On XLA:CPU with several processes the persistent compilation cache is turned off. jax writes entries from
+    process 0 only and the other processes' cache keys differ on CPU (seen: process 1 misses the key process 0
+    hits), so a cached run never saves the slowest process any time (LinedUp waits for it) and runs process 0's
+    build from an earlier run beside the others' fresh builds of the same program. The resumed launch of
+    tests/test_distributed.py's train test was the only launch there where that happened, and the one that hung
+    on CI in two runs."""
+    import jax
+
+    if jax.default_backend() == "cpu" and jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _orbax_barriers_through_the_coordination_service() -> None:
