@@ -71,6 +71,7 @@ def get_config():
     c.optim.weight_decay = 0.1
     c.optim.decay_embeddings = True
     c.optim.clip_norm = 1.0
+    c.optim.freeze = ()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.dir = ""

@@ -54,6 +54,7 @@ def get_config():
     c.optim.weight_decay = 0.1
     c.optim.decay_embeddings = True  # Megatron (the DMC reference) decays embeddings; norms never
     c.optim.clip_norm = 1.0         # global-norm clipping (0 = off)
+    c.optim.freeze = ()             # weight groups kept fixed: embed, mlp, norms (no gradient, no optimizer state)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.dir = ""           # '' = <output_dir>/checkpoints

@@ -6,6 +6,7 @@ import ml_collections
 
 from dmc_jax.errors import UserError
 from dmc_jax.model.config import DTYPES
+from dmc_jax.training.optimizer import FREEZE_GROUPS
 
 TASKS = ("demo", "generate", "eval", "bench", "prepare_data", "train", "retrofit", "plan", "convert_kv_heads",
          "compare", "methods", "convert_megatron", "serve")
@@ -172,6 +173,10 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     if not o.eps > 0:
         raise UserError(f"optim.eps must be > 0; got {o.eps!r}")
     _bool("optim.decay_embeddings", o.decay_embeddings)
+    freeze = o.get("freeze", ())
+    if isinstance(freeze, str) or not all(g in FREEZE_GROUPS for g in freeze):
+        raise UserError(f"optim.freeze must be a tuple of groups among {', '.join(FREEZE_GROUPS)} (() = train "
+                        f"every weight); got {freeze!r}")
     if not isinstance(c.dir, str):
         raise UserError(f"checkpoint.dir must be a path ('' = <output_dir>/checkpoints); got {c.dir!r}")
     if not isinstance(c.get("init_from", ""), str):

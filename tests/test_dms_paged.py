@@ -93,6 +93,26 @@ def test_paged_equals_dms_with_an_unbounded_buffer(kv_heads, window, page_size, 
     assert float(stats_b["compression_ratio"]) == float(stats_a["compression_ratio"]) > 1
 
 
+def test_scanned_layers_equal_unrolled_and_are_what_evaluations_use():
+    """dms_paged asks for the scanned layer layout (its unrolled decode compiles ~10x longer): both layouts give the
+    same logits and keep the same tokens; llama.layers_for hands it stacked weights and leaves dense's as given."""
+    from dmc_jax.cache.dense import DenseCache
+
+    cfg = tiny_config(num_kv_heads=2, num_heads=4)
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(5), (2, 20), 0, cfg.vocab_size)
+    lengths_B = jnp.array([8, 5])
+    method = DMSPagedCache(_dms(3), page_size=2)
+    stacked = llama.layers_for(llama.unstack_layers(params), method)
+    assert not isinstance(stacked["layers"], tuple)
+    assert isinstance(llama.layers_for(llama.unstack_layers(params), DenseCache())["layers"], tuple)
+    want, state_a = _cached_logits(cfg, llama.unstack_layers(params), method, tokens_BT, lengths_B, 8)
+    got, state_b = _cached_logits(cfg, stacked, method, tokens_BT, lengths_B, 8)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+    assert _held_positions(state_b) == _held_positions(state_a)
+
+
 # ------------------------------------------------------------------------------------- unbalanced heads, one pool
 def _unbalanced_run(method, T=24, steps=24):
     """The cache alone on a tiny shape: layer 0's decisions keep every token, layer 1's mark every token (it keeps

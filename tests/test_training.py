@@ -127,6 +127,35 @@ def test_bf16_compute_keeps_fp32_master_weights():
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
 
 
+def test_frozen_groups_keep_their_weights_get_no_optimizer_state_and_no_weight_gradient_matmuls():
+    """optim.freeze=('embed', 'mlp'): those weights stay bit-identical over updates, the rest moves; Adam keeps no
+    moments for them; and the step costs fewer FLOPs (their weight gradients are never computed)."""
+    config = make_config(ml_collections.ConfigDict({"seq_len": 32}), pathlib.Path("unused"))
+    params = jax.device_get(init_params(CFG, jax.random.PRNGKey(0)))  # host copies: the step donates its own
+    batch = packed_batch(rows=4)
+    flops = {}
+    for freeze in ((), ("embed", "mlp")):
+        config.optim.freeze = freeze
+        s = loop.setup(config, CFG, params, LanguageModelObjective(CFG))
+        p, o, rng = s.init_state(params, 0)
+        put = s.put_batch(batch)
+        flops[freeze] = s.train_step.lower(p, o, put, rng, jnp.int32(0)).cost_analysis()["flops"]
+        moments = sum(x.size for x in jax.tree.leaves(o) if x.ndim)
+        for step in range(3):
+            p, o, metrics = s.train_step(p, o, put, rng, jnp.int32(step))
+        assert np.isfinite(float(metrics["loss"]))
+        before, after = params, jax.device_get(p)
+        for name in ("gate", "up", "down", "q", "o"):
+            same = np.array_equal(before["layers"][name], after["layers"][name])
+            assert same == (freeze != () and name in ("gate", "up", "down")), (freeze, name)
+        assert np.array_equal(before["embed"]["embedding"], after["embed"]["embedding"]) == bool(freeze)
+        mlp_and_embed = sum(params["layers"][n].size for n in ("gate", "up", "down")) + \
+            params["embed"]["embedding"].size + params["lm_head"].size
+        total = sum(x.size for x in jax.tree.leaves(params))
+        assert moments == 2 * (total - (mlp_and_embed if freeze else 0))  # Adam's mu and nu, trained weights only
+    assert flops[("embed", "mlp")] < 0.85 * flops[()], flops
+
+
 def test_schedule_warmup_hold_cosine_and_decay_mask():
     optim = ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=4, schedule="cosine", hold_steps=3, decay_steps=0,
                                            end_lr=0.1))
@@ -352,6 +381,7 @@ def test_sharded_step_on_8_cpu_devices_equals_one_device():
     ("--config.model.param_dtype=bfloat16", "model.param_dtype (training keeps fp32 master weights"),
     ("--config.train.grad_accum=0", "train.grad_accum must be >= 1"),
     ("--config.optim.b2=1.0", "optim.b2 must be < 1.0"),
+    ("--config.optim.freeze=('embed','attention')", "optim.freeze must be a tuple of groups among embed, mlp, norms"),
     ("--config.checkpoint.every_steps=-1", "checkpoint.every_steps must be >= 0"),
     ("--config.mesh.rules=(('embed', 'model'),)", "mesh.rules entries must be"),
     ("--config.data.seq_len=99999", "exceeds model.max_seq_len"),

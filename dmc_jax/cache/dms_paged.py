@@ -131,6 +131,7 @@ class DMSPagedCache(RowOps):
             raise UserError(f"cache.dms_paged.threshold must be a finite number; got {self.threshold}")
 
     reads_adapter = True  # llama.py passes a DMS adapter's logits (adapter_BTK; T = 1 at decode) when there is one
+    scan_layers = True    # its unrolled decode compiles 10x longer than scanned (protocol.py)
 
     @property
     def always_kept(self) -> int:

@@ -74,6 +74,19 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": layers}
 
 
+def stack_layers(params: Params) -> Params:
+    """The training layout again: params['layers'] as one dict of arrays stacked over layers."""
+    if not isinstance(params["layers"], tuple):
+        return params
+    return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
+
+
+def layers_for(params: Params, method) -> Params:
+    """The layout to prefill and decode through `method` with: stacked (scanned) if the method sets scan_layers (its
+    unrolled program compiles for much longer than it saves; see the protocol), else the layout given."""
+    return stack_layers(params) if getattr(method, "scan_layers", False) else params
+
+
 def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: AttendFn, state: State):
     """Runs every layer with `attend` as its attention: scanned over stacked weights, or unrolled over a tuple."""
     dtype = cfg.dtype

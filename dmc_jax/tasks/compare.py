@@ -39,7 +39,7 @@ from dmc_jax.evaluation.compare_rows import Rows, measure_settings, previous_row
 from dmc_jax.evaluation.decode_perplexity import decode_perplexity
 from dmc_jax.evaluation.passkey import run_passkey
 from dmc_jax.evaluation.text_files import read_text
-from dmc_jax.model.llama import unstack_layers
+from dmc_jax.model.llama import layers_for, unstack_layers
 
 
 def _rows_of(ids: np.ndarray, n: int, length: int) -> np.ndarray:
@@ -61,6 +61,7 @@ def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, d
         method = make(c.context)
     except UserError as e:
         return row | {"skipped": str(e)}
+    params = layers_for(params, method)  # stacked (scanned) for a method that asks, else as given
     row["budget"] = compare_grid.budget(method_name, ratio, c.context)
     if row["budget"] is not None and row["budget"] < c.min_budget:
         return row | {"skipped": f"budget {row['budget']} < compare.min_budget"}

@@ -2,7 +2,8 @@
 
     objective.py    the Objective interface (loss(params, batch, rng, step) -> (loss, metrics)), the LM objective,
                     and the registry of train.objective names
-    optimizer.py    AdamW with a decay mask, warmup + constant / cosine / linear LR schedules, global-norm clipping
+    optimizer.py    AdamW with a decay mask, warmup + constant / cosine / linear LR schedules, global-norm clipping,
+                    frozen weight groups (optim.freeze)
     step.py         one update (gradient accumulation over micro-batches in fp32) and one evaluation batch
     sharding.py     the (data, fsdp, tensor) mesh and logical-axis rules -> shardings
     checkpoint.py   orbax checkpoints: params, optimizer state, RNG key, data iterator position; async, atomic,

@@ -11,6 +11,8 @@
     base_lr_scale      learning-rate factor of every parameter that is not a decision parameter (0 = frozen base:
                        only the method's decision parameters train)
     decision_lr_scale  learning-rate factor of the method's decision parameters (DMC/DMS: W_q/W_k columns)
+Whole groups of weights (the embedding, the MLPs, the norms) are kept fixed by optim.freeze instead: no gradient
+and no optimizer state, so a step is cheaper, not just slower to move (training/optimizer.py).
 The method's compression loss is added in every case. The teacher runs in the same step on the same batch: it is a
 non-trained input of the jitted step (`frozen_inputs`, handed back through `bind`), stored in the compute dtype
 (the forward casts weights to it anyway), never differentiated, and never checkpointed (it is rebuilt from the

@@ -46,7 +46,7 @@ from dmc_jax.training.checkpoint import Checkpointer, fingerprint_diffs
 from dmc_jax.training.metrics_log import MetricsWriter
 from dmc_jax.training.objective import CE, WEIGHT, Objective
 from dmc_jax.training.progress import Diverged, Window
-from dmc_jax.training.optimizer import make_optimizer
+from dmc_jax.training.optimizer import freeze_mask, make_optimizer
 from dmc_jax.training.step import make_eval_step, make_train_step
 
 DATA_FINGERPRINT = ("source", "seq_len", "batch_size", "seed", "shuffle", "shuffle_window", "reset_attention",
@@ -126,7 +126,9 @@ def setup(config, cfg: ModelConfig, params, objective: Objective, devices=None, 
     b_sh = sharding.batch_sharding(mesh, rules)
     rep = NamedSharding(mesh, P())
     hints = sharding.activation_hints(mesh, rules)  # activations named in the model, mapped by the same rules
-    step_fn = make_train_step(objective, tx, schedule, config.train.grad_accum)
+    freeze = tuple(config.optim.get("freeze", ()))
+    step_fn = make_train_step(objective, tx, schedule, config.train.grad_accum,
+                              freeze_mask(freeze) if freeze else None)
     if config.train.get("offload_opt_state", False):  # optimizer state in pinned host memory between steps
         step_fn, o_sh = offload.offloaded(step_fn, o_sh), offload.host_shardings(o_sh)
     f_sh = None if frozen is None else sharding.param_shardings(

@@ -33,5 +33,7 @@ def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array,
     ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
     count = weights_BT.sum()
     denom = jnp.maximum(count, 1.0)
-    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    # The target's logit is the largest (a max, not an argmax: XLA:CPU's argmax over 49k logits cost 80 ms a step).
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    correct_BT = (target_BT >= jnp.max(logits_BTV, axis=-1)).astype(jnp.float32)
     return (ce_BT * weights_BT).sum() / denom, {WEIGHT: count, "accuracy": (correct_BT * weights_BT).sum() / denom}

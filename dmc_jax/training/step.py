@@ -33,9 +33,18 @@ def _split(batch: dict, k: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def accumulate_gradients(objective: Objective, params, batch: dict, rng, step, k: int):
-    """(weighted mean loss, weighted mean metrics with WEIGHT summed, weighted mean gradient) over k micro-batches."""
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+def _stopped(freeze_mask: Callable | None, params):
+    """params with the gradient of every frozen weight stopped (inside the differentiated function)."""
+    if freeze_mask is None:
+        return params
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, freeze_mask(params))
+
+
+def accumulate_gradients(objective: Objective, params, batch: dict, rng, step, k: int,
+                         freeze_mask: Callable | None = None):
+    """(weighted mean loss, weighted mean metrics with WEIGHT summed, weighted mean gradient) over k micro-batches;
+    the gradient of a weight that freeze_mask marks is zero and never computed."""
+    grad_fn = jax.value_and_grad(lambda p, *a: objective.loss(_stopped(freeze_mask, p), *a), has_aux=True)
     if k == 1:
         (loss, metrics), grads = grad_fn(params, batch, rng, step)
         return loss, {**metrics, WEIGHT: _weight(metrics)}, grads
@@ -65,10 +74,13 @@ def accumulate_gradients(objective: Objective, params, batch: dict, rng, step, k
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int = 1) -> StepFn:
+                    grad_accum: int = 1, freeze_mask: Callable | None = None) -> StepFn:
     """(params, opt_state, batch, rng, step, frozen) -> (params, opt_state, metrics): one update; step is 0-based.
 
     frozen: the objective's non-trained inputs (objective.frozen_inputs, e.g. a teacher's weights) or None.
+    freeze_mask: params -> bools, True where a weight of the model stays fixed (optim.freeze): its gradient is
+    stopped before the loss, so its weight-gradient computations are never compiled (the optimizer gives it no
+    update either).
     metrics: the objective's, plus 'loss', 'grad_norm' (before clipping) and 'lr' (used by this update).
     """
 
@@ -76,7 +88,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
         objective_ = bound(objective, frozen)
         scale_updates = getattr(objective_, "scale_updates", None)  # optional: per-parameter learning-rate factors
         step_rng = jax.random.fold_in(rng, step)
-        loss, metrics, grads = accumulate_gradients(objective_, params, batch, step_rng, step, grad_accum)
+        loss, metrics, grads = accumulate_gradients(objective_, params, batch, step_rng, step, grad_accum,
+                                                    freeze_mask)
         updates, opt_state = tx.update(grads, opt_state, params)
         if scale_updates is not None:
             updates = scale_updates(updates)
