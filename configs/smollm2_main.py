@@ -1,5 +1,5 @@
 """The embedded default main job: retrofit SmolLM2-135M-Instruct with DMS (learned delayed eviction) to CR 8 by
-distillation, then put it next to H2O and TOVA at the CR it reached and at its bytes (~23 minutes on a 2-core CPU with
+distillation, then put it next to H2O and TOVA at the CR it reached and at its bytes (~19 minutes on a 2-core CPU with
 bf16 matmuls; README "The main job").
 
 python -m dmc_jax.main --config configs/smollm2_main.py [--config.output_dir=runs/x] [--config.train.steps=N]
@@ -7,8 +7,9 @@ python -m dmc_jax.main --config configs/smollm2_main.py [--config.output_dir=run
 Task retrofit with retrofit.method='dms' (the DMC main job of earlier versions: configs/smollm2_dmc.py):
     1. held-out perplexity of the original model (Macbeth and Twelfth Night, never trained on);
     2. the DMS retrofit (configs/smollm2_dms.py's recipe, shortened: forward KL to the frozen original model
-       computed in the same step, the decision columns of W_q at lr 1e-4 and the rest at lr x 0.1, the CR target
-       ramped 1 -> 8 over dms.ramp_steps, recall rows in the data) -> <run>/dms, model in <run>/dms/model;
+       computed in the same step, the decision columns of W_q at lr 1e-4 and the rest at lr x 0.1 but the
+       embedding, which stays frozen, the CR target ramped 1 -> 8 over dms.ramp_steps, recall rows in the data)
+       -> <run>/dms, model in <run>/dms/model;
     3. held-out perplexity and CR with hard decisions (exactly what the cache keeps); the serving threshold chosen
        on training text so that what the model keeps fills the serving pool (dms/calibrate.py); a generation
        through the paged DMS cache with its bytes, report.md, cr_heatmap.png;
