@@ -81,10 +81,13 @@ def stack_layers(params: Params) -> Params:
     return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])}
 
 
-def layers_for(params: Params, method) -> Params:
+def layers_for(params: Params, method, otherwise=None) -> Params:
     """The layout to prefill and decode through `method` with: stacked (scanned) if the method sets scan_layers (its
-    unrolled program compiles for much longer than it saves; see the protocol), else the layout given."""
-    return stack_layers(params) if getattr(method, "scan_layers", False) else params
+    unrolled program compiles for much longer than it saves; see the protocol), else otherwise(params) (e.g.
+    unstack_layers), or the layout given."""
+    if getattr(method, "scan_layers", False):
+        return stack_layers(params)
+    return params if otherwise is None else otherwise(params)
 
 
 def _layer_stack(params: Params, x_BTD: jax.Array, cfg: ModelConfig, attend: AttendFn, state: State):

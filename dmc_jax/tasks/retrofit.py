@@ -128,8 +128,8 @@ def _generate_sample(params, model, config) -> dict:
         overrides = {k: v for k, v in {**SAMPLE_SIZING, "target_cr": float(hparams.get("target_cr", 0.0))}.items()
                      if k in own}
     method = registry.build(name, cache, hparams, **overrides)
-    out = generate(llama.layers_for(llama.unstack_layers(params), method), [prompt], model.cfg, method, gen,
-                   jax.random.PRNGKey(0))
+    out = generate(llama.layers_for(params, method, otherwise=llama.unstack_layers), [prompt], model.cfg, method,
+                   gen, jax.random.PRNGKey(0))
     stats = method.stats(out.state, out.lengths)
     seen = int(out.lengths[0])
     kept = np.asarray(stats["kept_LBK"]).astype(float)
