@@ -119,3 +119,24 @@ def test_unstacked_decoding_layout_gives_the_same_logits():
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
     np.testing.assert_allclose(llama.forward(llama.unstack_layers(params), tokens, cfg),
                                llama.forward(params, tokens, cfg), atol=1e-5)
+
+
+def test_weights_cast_once_to_the_compute_dtype_decode_bit_identically():
+    """llama.compute_dtype_weights (what task compare decodes with) only moves dense's per-use cast out of the loop:
+    the same bits in both layouts; norms stay fp32; an fp32 model is returned as is."""
+    from dmc_jax.cache.h2o import H2OCache
+    from dmc_jax.evaluation.decode_perplexity import nll_through_cache
+
+    cfg = tiny_config(num_layers=2, compute_dtype="bfloat16")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.vocab_size)
+    for layout in (params, llama.unstack_layers(params)):
+        cast = llama.compute_dtype_weights(layout, cfg)
+        stacked = llama.stack_layers(cast)["layers"]
+        assert stacked["q"].dtype == jnp.bfloat16 and stacked["attn_norm"].dtype == jnp.float32
+        assert cast["embed"]["embedding"].dtype == jnp.bfloat16
+        want, _ = nll_through_cache(layout, tokens_BT, H2OCache(budget=8), cfg, 4)
+        got, _ = nll_through_cache(cast, tokens_BT, H2OCache(budget=8), cfg, 4)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    fp32 = tiny_config(num_layers=2)
+    assert llama.compute_dtype_weights(params, fp32) is params

@@ -50,7 +50,8 @@ def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Cal
                 answer_tokens: int = 6, batch: int = 0) -> list[PasskeyCell]:
     """Accuracy per (length, depth); make_method(length) builds the cache method for that context length.
     batch: prompts decoded at once (0 = all of a length; long prompts need chunks: a 2k-token prefill of 24 prompts
-    holds GBs of attention scores). Every chunk has the same shape (the last one padded), so one compilation."""
+    holds GBs of attention scores). Every chunk has the same shape (the last one padded), so one compilation; the
+    chunks are balanced (at most `batch` prompts each, as few chunks as that allows)."""
     rng = np.random.default_rng(seed)
     cells = []
     for length in lengths:
@@ -69,7 +70,8 @@ def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Cal
             prompt_BT[b, :len(r)] = r
         lengths_B = np.array([len(r) for r in rows], np.int32)
         n = len(rows)
-        size = min(batch or n, n)
+        chunks = -(-n // min(batch or n, n))
+        size = -(-n // chunks)  # balanced chunks: 12 prompts at batch 8 run as 2 x 6, not 8 + 8 with 4 padding
         pad = -n % size  # repeat the last prompt to fill the last chunk; its answers are dropped
         prompt_BT = np.concatenate([prompt_BT, np.repeat(prompt_BT[-1:], pad, 0)])
         lengths_B = np.concatenate([lengths_B, np.repeat(lengths_B[-1:], pad)])

@@ -39,7 +39,7 @@ from dmc_jax.evaluation.compare_rows import Rows, measure_settings, previous_row
 from dmc_jax.evaluation.decode_perplexity import decode_perplexity
 from dmc_jax.evaluation.passkey import run_passkey
 from dmc_jax.evaluation.text_files import read_text
-from dmc_jax.model.llama import layers_for, unstack_layers
+from dmc_jax.model.llama import compute_dtype_weights, layers_for, unstack_layers
 
 
 def _rows_of(ids: np.ndarray, n: int, length: int) -> np.ndarray:
@@ -62,6 +62,7 @@ def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, d
     except UserError as e:
         return row | {"skipped": str(e)}
     params = layers_for(params, method)  # stacked (scanned) for a method that asks, else as given
+    params = compute_dtype_weights(params, cfg)  # cast once, not per token (identical numbers)
     row["budget"] = compare_grid.budget(method_name, ratio, c.context)
     if row["budget"] is not None and row["budget"] < c.min_budget:
         return row | {"skipped": f"budget {row['budget']} < compare.min_budget"}
