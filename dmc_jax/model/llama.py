@@ -90,13 +90,9 @@ def layers_for(params: Params, method, otherwise=None) -> Params:
     return params if otherwise is None else otherwise(params)
 
 
-# The weights a forward pass only multiplies (dense casts them to the compute dtype at every use); norms stay as
-# stored (rms_norm computes in fp32).
-MATMUL_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down", "dms_adapter")
-
-
 def compute_dtype_weights(params: Params, cfg: ModelConfig) -> Params:
-    """params with the matmul weights (and the embedding table) cast once to the compute dtype, for inference.
+    """params with the matmul weights (and the embedding table) cast once to the compute dtype, for inference;
+    the RMSNorm scales stay as stored (rms_norm computes in fp32).
 
     The results are bit-identical (dense and _embed cast them to cfg.dtype anyway), but a decode loop no longer
     converts them at every token: XLA hoists that convert out of the token loop for unrolled layers, not for a
@@ -107,8 +103,8 @@ def compute_dtype_weights(params: Params, cfg: ModelConfig) -> Params:
     if dtype == jnp.float32:
         return params
 
-    def cast_layer(w: dict) -> dict:
-        return {name: (a.astype(dtype) if name in MATMUL_WEIGHTS else a) for name, a in w.items()}
+    def cast_layer(w: dict) -> dict:  # every layer weight but the RMSNorm scales (params.param_shapes: '*norm')
+        return {name: (a if name.endswith("norm") else a.astype(dtype)) for name, a in w.items()}
 
     layers = params["layers"]
     layers = tuple(cast_layer(w) for w in layers) if isinstance(layers, tuple) else cast_layer(layers)
