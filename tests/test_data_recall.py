@@ -122,3 +122,27 @@ def test_bad_recall_options_name_the_field(prepared, field, value, match):
     cfg[field] = value
     with pytest.raises(UserError, match=match):
         pipeline.make_iterator(cfg, ByteTokenizer())
+
+
+def test_recall_span_reaches_the_end_of_the_row_and_the_default_keeps_facts_in_the_first_half():
+    tok = ByteTokenizer()
+    text = ("the quick brown fox jumps over the lazy dog " * 10)[:T]
+    row = _row(tok.encode(text))
+
+    def first_statements(span):
+        recall = RecallInserter(tok, fraction=1.0, facts=1, min_gap=32, span=span)
+        out = []
+        for seed in range(60):
+            s = _text(recall(row, np.random.default_rng(seed)))
+            number = re.findall(r"\d{3,}", s)[0]
+            first, second = s.index(number), s.rindex(number)
+            assert second > first + 32, s  # restated at least min_gap later, whatever the span
+            out.append(first / T)
+        return np.asarray(out)
+
+    half, anywhere = first_statements(0.5), first_statements(1.0)
+    assert half.max() < 0.5 and anywhere.max() > 0.6
+    # the default is span 0.5 exactly: the same rows as before the option existed
+    a = RecallInserter(tok, fraction=1.0, facts=2)(row, np.random.default_rng(3))
+    b = RecallInserter(tok, fraction=1.0, facts=2, span=0.5)(row, np.random.default_rng(3))
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])

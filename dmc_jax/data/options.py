@@ -49,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     # is penalized for dropping what a retrieval question needs. 0 = plain text.
     c.recall_fraction = 0.0
     c.recall_facts = 2
+    c.recall_span = 0.5  # facts are stated in the first recall_span of a row (restated later); ~1 = anywhere
     c.progress = True  # progress bars while preparing
     return c
 
@@ -77,6 +78,8 @@ def validate(cfg_data: ml_collections.ConfigDict) -> None:
     require(isinstance(c.recall_fraction, (int, float)) and not isinstance(c.recall_fraction, bool)
             and 0 <= c.recall_fraction <= 1, f"data.recall_fraction must be in [0, 1], got {c.recall_fraction!r}")
     _int(c, "recall_facts", 1, 16)
+    require(isinstance(c.recall_span, (int, float)) and not isinstance(c.recall_span, bool)
+            and 0 < c.recall_span <= 1, f"data.recall_span must be in (0, 1], got {c.recall_span!r}")
     for name in ("reset_attention", "add_bos", "add_eos", "shuffle", "progress"):
         require(isinstance(c[name], bool), f"data.{name} must be True or False, got {c[name]!r}")
 

@@ -75,7 +75,8 @@ def make_dataset(cfg_data, tokenizer, *, split: Optional[str] = None, shard: Opt
                              prefetch_buffer_size=cfg_data.prefetch if cfg_data.num_threads else 0)
     rows = PackedRows(documents.to_iter_dataset(read), cfg_data.seq_len, cfg_data.reset_attention)
     if cfg_data.recall_fraction > 0 and split == cfg_data.train_split:
-        recall = RecallInserter(tokenizer, cfg_data.recall_fraction, cfg_data.recall_facts)
+        recall = RecallInserter(tokenizer, cfg_data.recall_fraction, cfg_data.recall_facts,
+                                span=cfg_data.get("recall_span", 0.5))
         rows = rows.random_map(recall, seed=cfg_data.seed)
     if shuffle and cfg_data.shuffle_window > 1:
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=cfg_data.shuffle_window,

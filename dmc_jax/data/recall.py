@@ -7,8 +7,10 @@ the second statement's digits can only be predicted by copying them from the fir
 and the student is penalized unless its cache kept them.
 
 A row is changed with probability `fraction` and only if it holds one document (no segment boundary); each of its
-`facts` facts is inserted at a random place in the first half of the row's text and restated at least `min_gap`
-tokens later. The row stays seq_len tokens long: the text's tail is cut by what was inserted. Positions continue
+`facts` facts is inserted at a random place in the first `span` of the row's text (default the first half) and
+restated at least `min_gap` tokens later. A span near 1 puts facts near the end of a row too: a policy trained only
+on facts in the first half learns to keep numbers early in a context and drop them late (2k-token passkey at CR 8:
+needles at depth 0.1 found 11 times in 16, at depth 0.9 once, README "Learned compression"). The row stays seq_len tokens long: the text's tail is cut by what was inserted. Positions continue
 from the row's first position. The templates are deliberately NOT the passkey evaluation's
 (dmc_jax/evaluation/passkey.py: "The pass key is ... Remember it."): training never sees its wording.
 
@@ -35,11 +37,12 @@ RESTATE = ("\nAs noted before, the {label} number is {num}.",
 class RecallInserter:
     """grain random_map transform: row dict {'tokens', 'segment_ids', 'positions'} (int32 [T]) -> same shapes."""
 
-    def __init__(self, tokenizer, fraction: float, facts: int, min_gap: int = 32):
+    def __init__(self, tokenizer, fraction: float, facts: int, min_gap: int = 32, span: float = 0.5):
         self.tokenizer = tokenizer
         self.fraction = float(fraction)
         self.facts = int(facts)
         self.min_gap = int(min_gap)
+        self.span = float(span)
 
     def fact_ids(self, rng: np.random.Generator) -> tuple[list, list]:
         """Token ids of one fact and of its restatement (same template index, so the wording pairs up)."""
@@ -62,7 +65,7 @@ class RecallInserter:
             return row
         inserts = []  # (text position, order, ids): everything at one position goes in order
         for i, (fact, restate) in enumerate(pairs):
-            at = int(rng.integers(0, n_text // 2))
+            at = int(rng.integers(0, max(1, min(int(self.span * n_text), n_text - self.min_gap))))
             later = int(rng.integers(min(at + self.min_gap, n_text), n_text + 1))
             inserts += [(at, 2 * i, fact), (later, 2 * i + 1, restate)]
         out, prev = [], 0

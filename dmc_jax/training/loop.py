@@ -152,6 +152,8 @@ def fingerprint(params, opt_abstract, config) -> dict:
             fp[f"data.{name}"] = data[name]
     if data is not None and data.get("recall_fraction", 0) > 0:  # only when on: older checkpoints stay resumable
         fp["data.recall_fraction"], fp["data.recall_facts"] = data.recall_fraction, data.recall_facts
+        if data.get("recall_span", 0.5) != 0.5:
+            fp["data.recall_span"] = data.recall_span
     return fp
 
 
