@@ -51,6 +51,7 @@ def get_config(variant: str = "cr4"):
     c.train = ml_collections.ConfigDict()
     c.train.objective = "dmc"
     c.train.steps = c.dmc.zero_out_steps + c.dmc.retrofit_steps + 2000
+    c.train.stages = ()             # later steps with other options (dmc_jax/training/stages.py)
     c.train.grad_accum = 16                       # micro-batches per step; tune to the memory planner
     c.train.offload_opt_state = False             # True: AdamW state in pinned host memory between steps
     c.train.log_every = 10

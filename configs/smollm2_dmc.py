@@ -51,6 +51,7 @@ def get_config():
     c.train = ml_collections.ConfigDict()
     c.train.objective = "dmc"
     c.train.steps = 40              # stage 3 (fine-tune at the target) = steps - zero_out - retrofit
+    c.train.stages = ()             # later steps with other options (dmc_jax/training/stages.py)
     c.train.grad_accum = 1
     c.train.log_every = 4
     c.train.eval_every = 0

@@ -33,6 +33,7 @@ def get_config():
     c.train = ml_collections.ConfigDict()
     c.train.objective = "lm"        # 'lm', or a trained cache method's section (e.g. 'dmc'): objective_names()
     c.train.steps = 50
+    c.train.stages = ()             # e.g. ('30', '50 data.seq_len=512'): later steps change options (training/stages.py)
     c.train.export_dir = ""         # also write the final weights here as a Hugging Face directory ('' = no)
     c.train.grad_accum = 1          # micro-batches per step (data.batch_size / grad_accum rows each)
     c.train.log_every = 5           # metrics.jsonl line (means over the last log_every steps)

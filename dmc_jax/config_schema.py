@@ -113,6 +113,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "data" in config and config.task in ("prepare_data", "demo", "train", "retrofit"):
         from dmc_jax.data import options as data_options  # the data section validates itself
         data_options.validate(config.data)
+    if config.task in ("train", "retrofit") and config.train.get("stages", ()):
+        from dmc_jax.training import stages as staging  # every stage's config is checked before any step runs
+        parsed = staging.parse(config)
+        for i in range(len(parsed)):
+            validate(staging.stage_config(config, parsed, i))
 
 
 def _trained_method(config: ml_collections.ConfigDict):

@@ -449,3 +449,51 @@ def test_init_from_continues_another_runs_state_with_this_runs_data_and_refuses_
         loop.train(bad, LoadedModel(bigger, init_params(bigger, jax.random.PRNGKey(0)), ByteTokenizer(), "tiny"),
                    make_objective("lm", bad, bigger), loop.TrainData(pipeline.make_iterator(data, ByteTokenizer())))
     assert "\n" not in str(err.value)
+
+
+def test_staged_run_equals_its_stages_run_by_hand_resumes_and_skips_a_finished_stage(corpus, tmp_path, capsys):
+    """train.stages: one run whose later steps change data options == run 1 then run 2 warm-started from it."""
+    from dmc_jax.tasks import train as train_task
+
+    _, data = corpus
+    staged = make_config(data, tmp_path / "staged", **{"train.steps": 5,
+                                                        "train.stages": ("3", "5 data.seq_len=16 data.seed=3")})
+    train_task.run(staged, tiny_model())
+    out = capsys.readouterr().out
+    assert "stage 0 (steps 1..3)" in out and "stage 1 (steps 4..5): data.seq_len=16 data.seed=3" in out
+    assert Checkpointer(str(tmp_path / "staged" / "stage0" / "checkpoints")).all_steps()[-1] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "staged" / "stage1" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [4, 5]  # the stage logs only its own steps
+
+    first = make_config(data, tmp_path / "first", **{"train.steps": 3})
+    train_task.run(first, tiny_model())
+    second = make_config(data, tmp_path / "second", **{"train.steps": 5,
+                                                       "checkpoint.init_from": str(tmp_path / "first" / "checkpoints")})
+    second.data.seq_len, second.data.seed = 16, 3
+    train_task.run(second, tiny_model())
+    want = _final_state(tmp_path / "second" / "checkpoints", 5)["params"]
+    got = _final_state(tmp_path / "staged" / "stage1" / "checkpoints", 5)["params"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+    # the same command again: stage 0 is skipped, stage 1 resumes at its last step (nothing to do)
+    summary = train_task.run(staged, tiny_model())
+    assert "stage 0 (steps 1..3): done earlier" in capsys.readouterr().out
+    assert summary["last_checkpoint"] == 5 and [s["done_earlier"] for s in summary["stages"]] == [True, False]
+
+
+@pytest.mark.parametrize("stages, steps, needle", [
+    ("('3', '2')", 2, "ends at step 2, not after the previous stage's 3"),
+    ("('3', '6 data.seqlen=16')", 6, "the config has no field data.seqlen"),
+    ("('3', '6 train.steps=9')", 6, "train.steps is set by the stages themselves"),
+    ("('3', '6')", 5, "train.steps=5 but train.stages ends at step 6"),
+    ("('x',)", 5, "must start with the stage's last step"),
+    ("('3', '6 data.seq_len=99999')", 6, "exceeds model.max_seq_len"),
+    ("('3', '6 data.seq_len')", 6, "is not key=value"),
+])
+def test_bad_stages_are_one_line_exit_2_before_any_step(capsys, tmp_path, stages, steps, needle):
+    argv = ["--config", TRAIN_CONFIG, f"--config.train.stages={stages}", f"--config.train.steps={steps}",
+            f"--config.output_dir={tmp_path}", "--config.model.max_seq_len=256"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err, err
+    assert not os.path.exists(tmp_path / "stage0")

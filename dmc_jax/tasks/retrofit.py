@@ -68,19 +68,21 @@ def _train(sub, model, host_params):
     start = time.perf_counter()
     summary = train_task.run(sub, run_model)
     summary["wall_seconds_this_call"] = time.perf_counter() - start
-    summary["training_seconds"] = _training_seconds(summary["run_dir"])
+    summary["training_seconds"] = sum(_training_seconds(r["run_dir"], r["first_step"])
+                                      for r in summary.get("stages", [{"run_dir": summary["run_dir"], "first_step": 0}]))
     params = train_task.final_params(sub, run_model.cfg, shapes,
                                      make_objective(sub.train.objective, sub, run_model.cfg), summary)
     return params, summary
 
 
-def _training_seconds(run_dir: str) -> float:
+def _training_seconds(run_dir: str, first_step: int = 0) -> float:
     """Seconds spent in training steps according to the run's metrics.jsonl (across resumes; no compile time in
-    a resumed run's first step is excluded, logging and checkpointing are)."""
+    a resumed run's first step is excluded, logging and checkpointing are); first_step: the step the run (a stage)
+    started after."""
     import json
 
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"step_time_s"' in line]
-    total, last = 0.0, 0
+    total, last = 0.0, first_step
     for row in rows:
         total += row["step_time_s"] * (row["step"] - last)
         last = row["step"]
@@ -101,8 +103,10 @@ def _heldout_ids(config, tokenizer) -> tuple[list, list]:
 def _evaluate(params, ids, model, config, attention) -> dict:
     e = config.eval
     start = time.perf_counter()
-    res = perplexity(llama.unstack_layers(params), ids, model.cfg, window=e.window, stride=e.stride, batch=e.batch,
-                     decode=model.tokenizer.decode, attention=attention)
+    # weights cast once to the compute dtype (bit-identical; no fp32 -> bf16 convert of every weight per window)
+    res = perplexity(llama.compute_dtype_weights(llama.unstack_layers(params), model.cfg), ids, model.cfg,
+                     window=e.window, stride=e.stride, batch=e.batch, decode=model.tokenizer.decode,
+                     attention=attention)
     return res.to_dict() | {"seconds": time.perf_counter() - start}
 
 

@@ -4,9 +4,12 @@ Prepares the corpus first if needed (idempotent), then runs dmc_jax.training.loo
 metrics.jsonl, tensorboard/, checkpoints/. Run again with the same output_dir to resume from the last checkpoint.
 With train.export_dir set, the final parameters are also written there as a Hugging Face directory (with
 kv_method.json: the trained method of the objective, else the cache method), which every task loads as model.source (e.g. an up-trained GQA model).
+With train.stages, one run in stages whose later steps change options (training/stages.py): <output_dir>/stage<i>.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 
@@ -14,6 +17,7 @@ from dmc_jax.data import pipeline
 from dmc_jax.data.prepare import prepare
 from dmc_jax.errors import UserError
 from dmc_jax.training import distributed
+from dmc_jax.training import stages as staging
 from dmc_jax.training.loop import TrainData, train
 from dmc_jax.training.objective import make_objective
 
@@ -28,6 +32,9 @@ def run(config, model) -> dict:
     if config.data.seq_len > model.cfg.max_seq_len:
         raise UserError(f"data.seq_len={config.data.seq_len} exceeds the model's context length "
                         f"{model.cfg.max_seq_len}; lower data.seq_len")
+    stages = staging.parse(config)
+    if stages:
+        return _run_stages(config, model, stages)
     model = prepared(config, model)
     objective = make_objective(config.train.objective, config, model.cfg)  # bad objective options fail first
     if jax.process_index() == 0:  # one process prepares the corpus (idempotent); the others wait for it
@@ -49,6 +56,39 @@ def run(config, model) -> dict:
         summary["export_dir"] = export(config, model, jax.device_get(params), export_dir)
         print(f"final parameters written to {summary['export_dir']}")
     return summary
+
+
+def _run_stages(config, model, stages) -> dict:
+    """Each stage in turn (training/stages.py); a stage whose checkpoints already reach its last step is skipped
+    (but the last, which exports). Returns the last stage's summary with 'stages': (run_dir, first step, summary or
+    'done earlier') of each."""
+    import copy
+
+    import numpy as np
+
+    from dmc_jax.training.checkpoint import Checkpointer
+
+    host_params = jax.tree.map(np.array, model.params)  # every stage starts from a fresh copy (a run consumes it)
+    runs, summary = [], None
+    for i, stage in enumerate(stages):
+        sub = staging.stage_config(config, stages, i)
+        first = stages[i - 1].until if i else 0
+        ckpt_dir = os.path.join(sub.output_dir, "checkpoints")
+        done = False
+        if i < len(stages) - 1 and os.path.isdir(ckpt_dir):
+            with Checkpointer(ckpt_dir, read_only=True) as ck:
+                done = stage.until in ck.all_steps()
+        if done:
+            print(f"stage {i} (steps {first + 1}..{stage.until}): done earlier, in {sub.output_dir}", flush=True)
+            runs.append({"run_dir": sub.output_dir, "first_step": first, "done_earlier": True})
+            continue
+        changes = " ".join(f"{k}={v!r}" for s in stages[:i + 1] for k, v in s.overrides) or "the config as it is"
+        print(f"stage {i} (steps {first + 1}..{stage.until}): {changes}; in {sub.output_dir}", flush=True)
+        stage_model = copy.copy(model)
+        stage_model.params = jax.tree.map(np.array, host_params)
+        summary = run(sub, stage_model)
+        runs.append({"run_dir": sub.output_dir, "first_step": first, "done_earlier": False})
+    return dict(summary, stages=runs)
 
 
 def prepared(config, model):
