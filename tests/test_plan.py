@@ -120,3 +120,26 @@ def test_every_cluster_config_fits_an_80gb_gpu_on_its_planned_cluster(name):
     est = plan.analytic(plan.architecture(c), c)
     assert est["peak"] < (c.plan.hbm_gb - c.plan.reserve_gb) * 1e9, (name, est)
     assert c.data.batch_size % (c.train.grad_accum * est["mesh"]["data"] * est["mesh"]["fsdp"]) == 0
+
+
+def test_plan_compiles_a_distillation_step_with_its_teacher_as_an_argument():
+    """A distillation config (DMS/DMC by KL to the frozen original) passes its teacher to the step: the plan's
+    compile gives it the teacher's shapes, and the compiled arguments hold the teacher's weights in the compute
+    dtype on top of the student's weights, AdamW moments and batch."""
+    from dmc_jax.training import distill
+
+    def config(distilled: bool):
+        c = small_config(mesh=(1, 1, 1), remat="full", objective="dmc", dtype="bfloat16")
+        c.data.update(batch_size=2, seq_len=64)
+        if distilled:
+            c.distill = distill.default_config()
+            distill.apply_recipe(c, base_lr_scale=0.1)
+        return c
+
+    plain, taught = (plan.compile_memory(config(d))["argument"] for d in (False, True))
+    teacher_bytes = plan.architecture(small_config()).num_params() * 2  # bf16 copies (norm scales fp32: ~0)
+    assert taught - plain == pytest.approx(teacher_bytes, rel=0.01)
+    c = config(True)
+    est = plan.analytic(plan.architecture(c), c)  # the analytic plan counts the same teacher
+    assert est["teacher"] == pytest.approx(taught - plain, rel=0.01)
+    assert plan.analytic(plan.architecture(config(False)), config(False))["teacher"] == 0

@@ -3,7 +3,8 @@
     python -m dmc_jax.main --config configs/llama2_70b_dmc.py:cr4 --config.task=plan [--config.plan.devices=64]
 
 Two numbers side by side, per device:
-  analytic   fp32 master weights, AdamW mu + nu and fp32 gradients sharded by the mesh rules; the activations each
+  analytic   fp32 master weights, AdamW mu + nu and fp32 gradients sharded by the mesh rules (and a distillation
+             teacher's weights in the compute dtype, sharded the same way, with its logits); the activations each
              layer keeps for the backward pass under model.remat_policy; then the larger of one layer's backward
              (recomputation, attention scores [b, H, T, T], all-gathered weights) and the fp32 logits' backward
   compiled   XLA's memory analysis of the jitted step (parameters and the batch as ShapeDtypeStructs; nothing is
@@ -190,14 +191,19 @@ def analytic(cfg: ModelConfig, config) -> dict:
     # gradients. The logits' backward (logits, softmax, gradient in fp32) comes before the layers' and does not
     # overlap it, so the peak holds the larger of the two.
     layer_work = everything + 2 * score + 2 * gathered
-    logits = b * T * Vt * f32 * 3
+    # Distillation (a distill section whose loss is not 'lm'): the frozen teacher's weights in the compute dtype,
+    # sharded like the student's (a teacher from another source is taken to have the student's shape), and its fp32
+    # logits and log-probabilities next to the student's.
+    distills = "distill" in config and config.distill.get("loss", "lm") != "lm"
+    teacher = params / f32 * c if distills else 0
+    logits = b * T * Vt * f32 * (5 if distills else 3)
     grads = params * (2 if t.grad_accum > 1 else 1)  # fp32 gradient (+ the accumulator of the micro-batches)
     batch = 3 * (config.data.batch_size // batch_split) * T * 4
     out = {"params": params, "opt_state": 2 * params, "grads": grads, "activations_saved": saved,
-           "layer_backward": layer_work, "logits": logits, "batch": batch}
-    out["peak"] = params * 3 + grads + batch + saved + max(layer_work, logits)
+           "layer_backward": layer_work, "logits": logits, "batch": batch, "teacher": teacher}
+    out["peak"] = params * 3 + grads + batch + teacher + saved + max(layer_work, logits)
     if t.get("offload_opt_state", False):  # mu, nu on the host; on the device only during the update
-        out["peak"] = params + grads + batch + max(saved + max(layer_work, logits), 2 * params)
+        out["peak"] = params + grads + batch + teacher + max(saved + max(layer_work, logits), 2 * params)
     out.update(remat_policy=policy, rows_per_device=b, mesh=sizes)
     return out
 
@@ -222,13 +228,17 @@ def compile_memory(config) -> dict:
     config.mesh.update(sizes)
     params = unflatten({p: jax.ShapeDtypeStruct(shape, cfg.pdtype) for p, (shape, _) in param_shapes(cfg).items()})
     objective = make_objective(config.train.objective, config, cfg)
-    s = loop.setup(config, cfg, params, objective, devices=jax.devices()[:n])
+    frozen_shapes = getattr(objective, "frozen_shapes", None)  # a distillation teacher: a step argument too
+    frozen = frozen_shapes(params) if frozen_shapes is not None else None
+    s = loop.setup(config, cfg, params, objective, devices=jax.devices()[:n], frozen=frozen)
     state = s.abstract_state(params)
+    extra = () if frozen is None else (jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                                    frozen, s.frozen_shardings),)
     B, T = config.data.batch_size, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=s.batch_sharding)
              for k in ("tokens", "segment_ids", "positions")}
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=s.replicated)
-    compiled = s.train_step.lower(state["params"], state["opt_state"], batch, state["rng"], step).compile()
+    compiled = s.train_step.lower(state["params"], state["opt_state"], batch, state["rng"], step, *extra).compile()
     ma = compiled.memory_analysis()
     out = {k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp",
                                                                          "generated_code", "host_temp")}
@@ -295,7 +305,8 @@ def report(cfg: ModelConfig, config, est: dict, comp: dict | None) -> str:
              f"device), remat {est['remat_policy']}, compute {cfg.compute_dtype}",
              f"per device ({unit})                analytic"]
     host = config.train.get("offload_opt_state", False)
-    for k in ("params", "opt_state", "grads", "activations_saved", "layer_backward", "logits", "batch"):
+    for k in ("params", "opt_state", "grads", "activations_saved", "layer_backward", "logits", "batch") + (
+            ("teacher",) if est["teacher"] else ()):
         label = f"{k} (host between steps)" if k == "opt_state" and host else k
         lines.append(f"  {label:<28}{est[k] / size:10.2f}")
     lines.append(f"  {'peak':<28}{est['peak'] / size:10.2f}   (sum; only the larger of layer_backward, logits)")
@@ -304,7 +315,8 @@ def report(cfg: ModelConfig, config, est: dict, comp: dict | None) -> str:
                      f"{comp['argument'] / size:.2f}, outputs {comp['output'] / size:.2f}, donated aliases "
                      f"{comp['alias'] / size:.2f}, temporaries {comp['temp'] / size:.2f}, peak "
                      f"{comp['peak'] / size:.2f}")
-        lines.append(f"  analytic params+opt_state+batch {(est['params'] + est['opt_state'] + est['batch']) / size:.2f}"
+        args = est["params"] + est["opt_state"] + est["batch"] + est["teacher"]
+        lines.append(f"  analytic params+opt_state+batch{'+teacher' if est['teacher'] else ''} {args / size:.2f}"
                      f" vs compiled arguments {comp['argument'] / size:.2f}; analytic peak / compiled peak "
                      f"{est['peak'] / max(comp['peak'], 1):.2f}")
         if host and comp["platform"] == "cpu":

@@ -150,6 +150,19 @@ class Recipe:
         return jax.tree.map(lambda x: np.array(jax.device_get(x), dtype if np.ndim(x) > 1 else np.float32),
                             initial_params)
 
+    def frozen_shapes(self, initial_shapes):
+        """ShapeDtypeStructs of frozen_inputs without reading a weight (task plan compiles the step from shapes)."""
+        if not self.distills:
+            return None
+        if self.teacher_source:
+            from dmc_jax.model.params import param_shapes, unflatten
+
+            initial_shapes = unflatten({p: jax.ShapeDtypeStruct(shape, self.teacher_cfg.pdtype)
+                                        for p, (shape, _) in param_shapes(self.teacher_cfg).items()})
+        dtype = self.teacher_cfg.dtype
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if len(x.shape) > 1 else np.float32),
+                            initial_shapes)
+
     def bind(self, frozen) -> "Recipe":
         return dataclasses.replace(self, teacher=frozen)
 
