@@ -12,6 +12,7 @@
     progress.py     the logging window: per-step host metrics checked (NaN guard) and averaged into log rows
     loop.py         train(config, model, objective, data) = Trainer: jit, shardings, donation, resume, logging,
                     saving, evaluation
+    stages.py       train.stages: one run whose later steps change options (each stage a run of its own, resumable)
 
 Shape letters: B batch rows, T time, V vocab.
 """
