@@ -8,10 +8,10 @@ and the student is penalized unless its cache kept them.
 
 A row is changed with probability `fraction` and only if it holds one document (no segment boundary); each of its
 `facts` facts is inserted at a random place in the first `span` of the row's text (default the first half) and
-restated at least `min_gap` tokens later. A span near 1 puts facts near the end of a row too: a policy trained only
-on facts in the first half learns to keep numbers early in a context and drop them late (2k-token passkey at CR 8:
-needles at depth 0.1 found 11 times in 16, at depth 0.9 once, README "Learned compression"). The row stays seq_len tokens long: the text's tail is cut by what was inserted. Positions continue
-from the row's first position. The templates are deliberately NOT the passkey evaluation's
+restated at least `min_gap` tokens later; a span near 1 states facts near the end of a row too (tried at 2k tokens,
+CR 8, to recover passkeys deep in a prompt: 40 steps found no more, README "Learned compression"). The row stays
+seq_len tokens long: the text's tail is cut by what was inserted. Positions continue from the row's first
+position. The templates are deliberately NOT the passkey evaluation's
 (dmc_jax/evaluation/passkey.py: "The pass key is ... Remember it."): training never sees its wording.
 
 Shape letters: T row length.

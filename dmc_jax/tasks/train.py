@@ -60,8 +60,8 @@ def run(config, model) -> dict:
 
 def _run_stages(config, model, stages) -> dict:
     """Each stage in turn (training/stages.py); a stage whose checkpoints already reach its last step is skipped
-    (but the last, which exports). Returns the last stage's summary with 'stages': (run_dir, first step, summary or
-    'done earlier') of each."""
+    (but the last, which exports). Returns the last stage's summary with 'stages': [{run_dir, first_step,
+    done_earlier}] of each stage."""
     import copy
 
     import numpy as np
