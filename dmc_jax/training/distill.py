@@ -146,9 +146,7 @@ class Recipe:
             from dmc_jax.weights import load_model
 
             initial_params = load_model(self.teacher_source, require_tokenizer=False).params
-        dtype = self.teacher_cfg.dtype
-        return jax.tree.map(lambda x: np.array(jax.device_get(x), dtype if np.ndim(x) > 1 else np.float32),
-                            initial_params)
+        return jax.tree.map(lambda x: np.array(jax.device_get(x), self._frozen_dtype(np.ndim(x))), initial_params)
 
     def frozen_shapes(self, initial_shapes):
         """ShapeDtypeStructs of frozen_inputs without reading a weight (task plan compiles the step from shapes)."""
@@ -159,9 +157,11 @@ class Recipe:
 
             initial_shapes = unflatten({p: jax.ShapeDtypeStruct(shape, self.teacher_cfg.pdtype)
                                         for p, (shape, _) in param_shapes(self.teacher_cfg).items()})
-        dtype = self.teacher_cfg.dtype
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if len(x.shape) > 1 else np.float32),
-                            initial_shapes)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self._frozen_dtype(len(x.shape))), initial_shapes)
+
+    def _frozen_dtype(self, ndim: int):
+        """The teacher's copy of a weight: matrices in the compute dtype, norm scales (1-D) in fp32."""
+        return self.teacher_cfg.dtype if ndim > 1 else np.float32
 
     def bind(self, frozen) -> "Recipe":
         return dataclasses.replace(self, teacher=frozen)
