@@ -29,6 +29,7 @@ def get_config(variant: str = "cr4"):
     c.task = "train"
     c.output_dir = ""
     c.seed = 0
+    c.keep_freed_memory = False  # True: malloc keeps what XLA:CPU frees (dmc_jax/host_memory.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.source = "meta-llama/Llama-2-7b-hf"   # a local Hugging Face directory (config.json + safetensors)

@@ -17,6 +17,7 @@ def get_config():
     c.task = "convert_megatron"
     c.output_dir = ""        # '' = runs/convert_megatron-<timestamp>; results.json is written there
     c.seed = 0
+    c.keep_freed_memory = False  # True: malloc keeps what XLA:CPU frees (dmc_jax/host_memory.py)
 
     c.model = ml_collections.ConfigDict()  # not read by this task (the checkpoint brings its own architecture)
     c.model.source = "megatron"

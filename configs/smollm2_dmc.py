@@ -27,6 +27,7 @@ def get_config():
     c.task = "retrofit"
     c.output_dir = ""        # '' = runs/retrofit-<timestamp>; set it to resume an interrupted job
     c.seed = 0
+    c.keep_freed_memory = False  # True: malloc keeps what XLA:CPU frees (dmc_jax/host_memory.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.source = "smollm2"

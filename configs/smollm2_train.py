@@ -17,6 +17,7 @@ def get_config():
     c.task = "train"
     c.output_dir = ""        # '' = runs/train-<timestamp>; set it to be able to resume
     c.seed = 0               # initial RNG key (stochastic objectives); the data has its own data.seed
+    c.keep_freed_memory = False  # True: malloc keeps what XLA:CPU frees (dmc_jax/host_memory.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.source = "smollm2"      # 'smollm2', a .gguf file, a Hugging Face directory, or 'tiny' (random, tests)

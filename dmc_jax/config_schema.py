@@ -34,6 +34,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "task" not in config:
         raise UserError("the config has no 'task' field; start from configs/smollm2.py")
     _one_of("task", config.task, TASKS)
+    _bool("keep_freed_memory", config.get("keep_freed_memory", False))
     _sections(config, ("model",))
     m = config.model
     _one_of("model.param_dtype", m.param_dtype, sorted(DTYPES))

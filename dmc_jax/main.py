@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from dmc_jax import host_memory
 from dmc_jax.config_loader import parse_argv
 from dmc_jax.config_schema import validate
 from dmc_jax.errors import UserError
@@ -33,6 +34,8 @@ def run(argv: Sequence[str]) -> str:
 
     config = parse_argv(argv)
     validate(config)
+    if config.get("keep_freed_memory", False):  # before XLA allocates anything (no backend has started yet)
+        print(host_memory.keep_freed_memory())
     from dmc_jax.training import distributed  # before anything touches a device: joins the process group
 
     if distributed.initialize(config).multi_process:
