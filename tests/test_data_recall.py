@@ -112,11 +112,21 @@ def test_pipeline_recall_rows_are_deterministic_resume_exactly_and_spare_the_eva
         np.testing.assert_array_equal(ev_recall[k], ev_plain[k])
     tr_plain = next(pipeline.make_iterator(plain, tok))
     assert not np.array_equal(tr_plain["tokens"], batches[0]["tokens"])
+    assert "loss_weights" not in batches[0]
+
+    weighted = cfg.copy_and_resolve_references()
+    weighted.recall_weight = 5.0
+    b = next(pipeline.make_iterator(weighted, tok))
+    np.testing.assert_array_equal(b["tokens"], batches[0]["tokens"])  # the same rows, now with weights
+    assert b["loss_weights"].shape == b["tokens"].shape and b["loss_weights"].dtype == np.float32
+    assert set(np.unique(b["loss_weights"])) == {1.0, 5.0}
 
 
 @pytest.mark.parametrize("field,value,match", [("recall_fraction", 1.5, "recall_fraction must be in"),
                                                ("recall_fraction", -0.1, "recall_fraction must be in"),
-                                               ("recall_facts", 0, "recall_facts must be an integer")])
+                                               ("recall_facts", 0, "recall_facts must be an integer"),
+                                               ("recall_weight", 0.5, "recall_weight must be in"),
+                                               ("recall_weight", 1001.0, "recall_weight must be in")])
 def test_bad_recall_options_name_the_field(prepared, field, value, match):
     cfg = prepared.copy_and_resolve_references()
     cfg[field] = value
@@ -146,3 +156,55 @@ def test_recall_span_reaches_the_end_of_the_row_and_the_default_keeps_facts_in_t
     a = RecallInserter(tok, fraction=1.0, facts=2)(row, np.random.default_rng(3))
     b = RecallInserter(tok, fraction=1.0, facts=2, span=0.5)(row, np.random.default_rng(3))
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+def test_recall_weight_marks_exactly_the_restatements_and_every_row_carries_the_weights():
+    tok = ByteTokenizer()
+    text = ("the quick brown fox jumps over the lazy dog " * 10)[:T]
+    row = _row(tok.encode(text))
+    recall = RecallInserter(tok, fraction=1.0, facts=2, min_gap=32, weight=20.0)
+    for seed in range(10):
+        out = recall(row, np.random.default_rng(seed))
+        w_T = out["loss_weights"]
+        assert w_T.shape == (T,) and w_T.dtype == np.float32 and set(np.unique(w_T)) <= {1.0, 20.0}
+        s = _text(out)
+        stressed = "".join(ch for ch, w in zip(s, w_T) if w == 20.0)  # (byte tokenizer: one token per character)
+        numbers = sorted(set(re.findall(r"\d{3,}", s)))
+        # the weighted characters are the two restatements: each holds its number once, and no first statement
+        assert sorted(re.findall(r"\d{3,}", stressed)) == numbers, (stressed, s)
+        for n in numbers:
+            assert w_T[s.index(n)] == 1.0 and w_T[s.rindex(n)] == 20.0
+    unchanged = RecallInserter(tok, fraction=0.0, facts=1, weight=20.0)(row, np.random.default_rng(0))
+    np.testing.assert_array_equal(unchanged["tokens"], row["tokens"])
+    np.testing.assert_array_equal(unchanged["loss_weights"], np.ones(T, np.float32))
+    assert "loss_weights" not in RecallInserter(tok, fraction=1.0, facts=1)(row, np.random.default_rng(0))
+
+
+def test_weighted_targets_weigh_the_cross_entropy_by_the_target_tokens_weight():
+    import jax
+    import jax.numpy as jnp
+
+    from dmc_jax.training.losses import WEIGHT, token_cross_entropy
+
+    rng = np.random.default_rng(0)
+    B, n, V = 2, 16, 11
+    tokens = rng.integers(0, V, (B, n)).astype(np.int32)
+    segments = np.ones((B, n), np.int32)
+    segments[1, 10:] = 2  # a document boundary: position 9 has no target
+    logits = jnp.asarray(rng.standard_normal((B, n, V)), jnp.float32)
+    w = np.ones((B, n), np.float32)
+    w[0, 5], w[1, 3] = 7.0, 3.0
+    batch = {"tokens": tokens, "segment_ids": segments, "positions": np.tile(np.arange(n), (B, 1))}
+    ce, m = token_cross_entropy(logits, {**batch, "loss_weights": w})
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    num = den = 0.0
+    for b in range(B):
+        for t in range(n - 1):
+            if segments[b, t + 1] != segments[b, t]:
+                continue
+            num += -logp[b, t, tokens[b, t + 1]] * w[b, t + 1]  # position t predicts token t+1: its weight
+            den += w[b, t + 1]
+    np.testing.assert_allclose(float(ce), num / den, rtol=1e-5)
+    assert float(m[WEIGHT]) == pytest.approx(den)  # micro-batches combine by the weights' sum
+    plain, _ = token_cross_entropy(logits, batch)
+    assert abs(float(plain) - float(ce)) > 1e-4  # the weights change the loss

@@ -95,6 +95,24 @@ def test_frozen_base_trains_only_the_decision_columns_against_the_original(corpu
                                llama.forward(params0, batch["tokens"], CFG), atol=1e-6)
 
 
+def test_the_kl_weighs_each_target_by_the_batchs_loss_weights(corpus, tmp_path):
+    """data.recall_weight's 'loss_weights' reach the distillation loss: a weighted mean of the per-token KL."""
+    tmp, data = corpus
+    obj = make_objective("dms", _config(data, tmp_path / "run"), CFG)
+    params0 = init_params(CFG, jax.random.PRNGKey(0))
+    teacher = obj.frozen_inputs(params0)
+    student = jax.tree.map(lambda x: x * 1.1, obj.method.on_step(params0, 1))  # not the teacher: KL > 0
+    batch = jax.tree.map(jnp.asarray, packed_batch(rows=2))
+    kl = lambda b: float(obj.bind(teacher).loss(student, b, None, 0)[1]["kl"])  # noqa: E731
+    plain = kl(batch)
+    assert plain > 0
+    ones = jnp.ones(batch["tokens"].shape, jnp.float32)
+    assert kl({**batch, "loss_weights": ones}) == pytest.approx(plain, rel=1e-6)
+    assert kl({**batch, "loss_weights": 3 * ones}) == pytest.approx(plain, rel=1e-5)  # a weighted mean
+    stressed = kl({**batch, "loss_weights": ones.at[:, 5:9].set(50.0)})
+    assert abs(stressed - plain) > 1e-3 * plain
+
+
 def test_separate_learning_rates_and_lm_option(corpus, tmp_path):
     tmp, data = corpus
     c = _config(data, tmp_path / "run", base_lr_scale=0.5, decision_lr_scale=4.0)

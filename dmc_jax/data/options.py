@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.recall_fraction = 0.0
     c.recall_facts = 2
     c.recall_span = 0.5  # facts are stated in the first recall_span of a row (restated later); ~1 = anywhere
+    # the restatements' tokens weigh this much in the loss (KL or CE; every other target token 1): > 1 stresses the
+    # retrieval a recall row asks for, which is otherwise ~1% of a row's targets. 1 = no weights in the batch.
+    c.recall_weight = 1.0
     c.progress = True  # progress bars while preparing
     return c
 
@@ -80,6 +83,9 @@ def validate(cfg_data: ml_collections.ConfigDict) -> None:
     _int(c, "recall_facts", 1, 16)
     require(isinstance(c.recall_span, (int, float)) and not isinstance(c.recall_span, bool)
             and 0 < c.recall_span <= 1, f"data.recall_span must be in (0, 1], got {c.recall_span!r}")
+    w = c.get("recall_weight", 1.0)
+    require(isinstance(w, (int, float)) and not isinstance(w, bool) and 1 <= w <= 1000,
+            f"data.recall_weight must be in [1, 1000], got {w!r}")
     for name in ("reset_attention", "add_bos", "add_eos", "shuffle", "progress"):
         require(isinstance(c[name], bool), f"data.{name} must be True or False, got {c[name]!r}")
 

@@ -106,3 +106,13 @@ def next_token_targets(tokens_BT, segment_ids_BT):
     same_BT = (segment_ids_BT[:, 1:] == segment_ids_BT[:, :-1]) & (segment_ids_BT[:, 1:] > 0)
     weights_BT = jnp.pad(same_BT.astype(jnp.float32), ((0, 0), (0, 1)))
     return targets_BT, weights_BT
+
+
+def target_weights(batch: dict):
+    """(targets_BT, weights_BT) of next_token_targets, each target token weighed by batch['loss_weights'] [B, T]
+    where the batch has them (recall rows with data.recall_weight > 1): position t's weight is its target's (t+1)."""
+    targets_BT, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
+    if "loss_weights" in batch:
+        per_token_BT = jnp.asarray(batch["loss_weights"], jnp.float32)
+        weights_BT = weights_BT * jnp.pad(per_token_BT[:, 1:], ((0, 0), (0, 1)))
+    return targets_BT, weights_BT

@@ -76,7 +76,7 @@ def make_dataset(cfg_data, tokenizer, *, split: Optional[str] = None, shard: Opt
     rows = PackedRows(documents.to_iter_dataset(read), cfg_data.seq_len, cfg_data.reset_attention)
     if cfg_data.recall_fraction > 0 and split == cfg_data.train_split:
         recall = RecallInserter(tokenizer, cfg_data.recall_fraction, cfg_data.recall_facts,
-                                span=cfg_data.get("recall_span", 0.5))
+                                span=cfg_data.get("recall_span", 0.5), weight=cfg_data.get("recall_weight", 1.0))
         rows = rows.random_map(recall, seed=cfg_data.seed)
     if shuffle and cfg_data.shuffle_window > 1:
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=cfg_data.shuffle_window,

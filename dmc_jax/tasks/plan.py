@@ -237,6 +237,8 @@ def compile_memory(config) -> dict:
     B, T = config.data.batch_size, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=s.batch_sharding)
              for k in ("tokens", "segment_ids", "positions")}
+    if config.data.recall_fraction > 0 and config.data.get("recall_weight", 1.0) != 1.0:  # recall_weight's batches
+        batch["loss_weights"] = jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=s.batch_sharding)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=s.replicated)
     compiled = s.train_step.lower(state["params"], state["opt_state"], batch, state["rng"], step, *extra).compile()
     ma = compiled.memory_analysis()

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmc_jax.data.packing import next_token_targets
+from dmc_jax.data.packing import target_weights
 from dmc_jax.errors import UserError
 from dmc_jax.model import llama
 from dmc_jax.model.config import ModelConfig
@@ -182,7 +182,7 @@ class Recipe:
             raise ValueError("a distillation Recipe must be bound to its teacher (Recipe.bind) inside the step")
         teacher_BTV = jax.lax.stop_gradient(llama.forward(self.teacher, batch["tokens"], self.teacher_cfg,
                                                           batch["positions"], batch["segment_ids"]))
-        _, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
+        _, weights_BT = target_weights(batch)  # (recall rows' restatements weigh data.recall_weight)
         kl = token_kl(teacher_BTV, logits_BTV, weights_BT, self.loss_kind == "reverse_kl")
         metrics["kl"] = kl
         return kl + (self.lm_weight * ce if self.lm_weight else 0.0) + penalty, metrics

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dmc_jax.data.packing import next_token_targets
+from dmc_jax.data.packing import target_weights
 
 Batch = dict  # {'tokens', 'segment_ids', 'positions'}: int32 [B, T]
 Metrics = dict  # name -> jax.Array (a scalar, or e.g. [layers, kv_heads], which the logger writes as a list)
@@ -28,8 +28,11 @@ def student_loss(student_out: tuple, batch: Batch) -> tuple[jax.Array, Metrics]:
 
 
 def token_cross_entropy(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, Metrics]:
-    """(mean cross-entropy over target tokens, {WEIGHT: target count, 'accuracy'}) in fp32; 0 when no targets."""
-    targets_BT, weights_BT = next_token_targets(batch["tokens"], batch["segment_ids"])
+    """(mean cross-entropy over target tokens, {WEIGHT: target count, 'accuracy'}) in fp32; 0 when no targets.
+
+    Targets are weighed by the batch's 'loss_weights' where it has them (data.recall_weight); WEIGHT is then the sum
+    of their weights, so micro-batches combine into the whole batch's weighted mean (training/step.py)."""
+    targets_BT, weights_BT = target_weights(batch)
     ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
     count = weights_BT.sum()
     denom = jnp.maximum(count, 1.0)
