@@ -60,6 +60,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert kept_faults < pages // 20, kept_faults  # kept: the heap's pages are reused
 
 
+@pytest.mark.skipif(not _GLIBC, reason="the probe allocates through glibc's libc.so.6")
 def test_the_users_allocator_choice_wins():
     # (a preload the loader cannot find is skipped with a warning: the name alone is what is checked)
     assert _probe(LD_PRELOAD="/nonexistent/libjemalloc.so.2")[1].endswith("preloaded allocator (LD_PRELOAD)")
