@@ -59,6 +59,8 @@ def test_compare_task_on_the_tiny_model(tmp_path):
                                                          ("kv mean:B", "dense"), ("kv svd_a:A", "dense")]
     assert rows[1]["budget"] == 16 and abs(rows[1]["logical_cr"] - 4.0) < 1e-6
     assert rows[1]["bytes_cr"] > 3 and abs(rows[2]["bytes_cr"] - 2.0) < 1e-6  # 2 -> 1 KV heads
+    # none of these caches shares a pool across layers; strategy A's wrapper declares no state layout: by token
+    assert [r["decode_order"] for r in rows] == ["layer", "layer", "layer", "token"]
     for r in rows:
         assert np.isfinite(r["ppl"]) and 0 <= r["passkey_acc"] <= 1 and set(r["mc"]) == {"fake_mc"}
     for name in ("compare.md", "ppl_vs_cr.png", "passkey.png"):
@@ -128,6 +130,15 @@ def test_compare_refuses_an_extra_model_that_does_not_exist_before_running_any_r
     err = capsys.readouterr().err
     assert "not found" in err and "missing" in err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_bad_decode_order_is_one_line_before_any_row(tmp_path, capsys):
+    argv = ["--config", CONFIG, "--config.task=compare", "--config.model.source=tiny", "--config.model.max_seq_len=0",
+            f"--config.output_dir={tmp_path / 'run'}", "--config.compare.decode_order=layers"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compare.decode_order must be 'auto' or 'token'" in err[0]
+    assert not (tmp_path / "run" / "rows.json").exists()
 
 
 def test_a_rerun_reuses_the_rows_measured_with_the_same_settings_and_measures_only_the_new_ones(tmp_path, capsys):

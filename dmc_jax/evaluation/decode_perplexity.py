@@ -1,9 +1,16 @@
 """Perplexity by decoding through a compressed cache: each token sees only what the cache method kept.
 
 Teacher forcing: a short prefix is prefilled (the method compresses it as its prefill rule says), then every
-later token is fed with `decode_step` inside one jitted `lax.scan`, and the logits that predicted it are scored.
-So the score of token t reflects the method's cache after t tokens (prefill and decode-time eviction), unlike a
-full-attention forward pass.
+later token is decoded through the cache, and the logits that predicted it are scored. So the score of token t
+reflects the method's cache after t tokens (prefill and decode-time eviction), unlike a full-attention forward pass.
+
+Two orders of the same computation (fp32 agrees to rounding; bf16 rounds differently, so an eviction policy's
+discrete choices can differ and its bf16 perplexity moves by a few tenths of a percent): a method whose state is all
+per layer (llama.layers_independent: dense, the eviction policies, DMC padded, DMS) is decoded layer by layer
+(llama.decode_forced: every token through layer 0, then layer 1, ...; the matmuls see all tokens at once; ~4x
+faster on a CPU); one whose layers share a page pool (paged DMC, paged DMS) token by token with `decode_step` inside
+one jitted `lax.scan`, as a server decodes it (which layer takes a page first decides what a full pool forces out).
+order='token' decodes every method token by token.
 
 Shape letters: B sequences, T tokens per sequence, N scored positions (T - prefix), V vocab.
 """
@@ -24,37 +31,69 @@ from dmc_jax.model.config import ModelConfig
 from dmc_jax.model.params import Params
 
 
-@functools.partial(jax.jit, static_argnames=("method", "cfg", "prefix"))
-def nll_through_cache(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int):
-    """Next-token NLL [B, N] of tokens prefix..T-1, decoding token by token through `method`; and its stats."""
-    nll_BN, state = _nll_and_state(params, tokens_BT, method, cfg, prefix)
+ORDERS = ("auto", "token", "layer")
+
+
+@functools.partial(jax.jit, static_argnames=("method", "cfg", "prefix", "order"))
+def nll_through_cache(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int,
+                      order: str = "auto"):
+    """Next-token NLL [B, N] of tokens prefix..T-1, decoded through `method`; and its stats. order: 'auto' (layer by
+    layer when the method allows it, the module docstring), 'token' or 'layer' (for tests and benchmarks)."""
+    nll_BN, state = _nll_and_state(params, tokens_BT, method, cfg, prefix, order)
     return nll_BN, method.stats(state, jnp.full((tokens_BT.shape[0],), tokens_BT.shape[1], jnp.int32))
 
 
-def _nll_and_state(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int):
+def _nll_and_state(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int,
+                   order: str = "auto"):
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
     B, T = tokens_BT.shape
     state = method.init(cfg, B, T)
     logits_BV, state = llama.prefill(params, tokens_BT[:, :prefix], jnp.full((B,), prefix, jnp.int32), state,
                                      method, cfg)
+    first_B = _nll(logits_BV, tokens_BT[:, prefix])
+    if order == "layer" or (order == "auto" and llama.layers_independent(method)):  # llama.decode_forced
+        positions_BN = jnp.broadcast_to(jnp.arange(prefix, T - 1, dtype=jnp.int32), (B, T - 1 - prefix))
+        x_BND, state = llama.decode_forced(params, tokens_BT[:, prefix:T - 1], positions_BN, state, method, cfg)
+        rest_BN = _nll_of_hidden(params, x_BND, tokens_BT[:, prefix + 1:], cfg)
+        return jnp.concatenate([first_B[:, None], rest_BN], axis=1), state
 
-    def nll(logits_BV, target_B):
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), target_B[:, None], axis=-1)[:, 0]
-
-    def step(carry, t):
+    def step(carry, t):  # token by token: a cache whose layers share a page pool
         state, logits_BV = carry
         token_B = tokens_BT[:, t]
         logits_BV, state = llama.decode_step(params, token_B, jnp.full((B,), t, jnp.int32), state, method, cfg)
-        return (state, logits_BV), nll(logits_BV, tokens_BT[:, t + 1])
+        return (state, logits_BV), _nll(logits_BV, tokens_BT[:, t + 1])
 
-    first_B = nll(logits_BV, tokens_BT[:, prefix])
     (state, _), rest_NB = jax.lax.scan(step, (state, logits_BV), jnp.arange(prefix, T - 1))
-    nll_BN = jnp.concatenate([first_B[:, None], rest_NB.T], axis=1)
-    return nll_BN, state
+    return jnp.concatenate([first_B[:, None], rest_NB.T], axis=1), state
 
 
-@functools.partial(jax.jit, static_argnames=("method", "cfg", "prefix"))
-def _nll_stats_state(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int):
-    nll_BN, state = _nll_and_state(params, tokens_BT, method, cfg, prefix)
+def _nll(logits_BV, target_B):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), target_B[:, None], axis=-1)[:, 0]
+
+
+def _nll_of_hidden(params: Params, x_BND: jax.Array, targets_BN: jax.Array, cfg: ModelConfig, chunk: int = 128):
+    """NLL [B, N] of targets under the logits of hidden states x_BND, `chunk` positions at a time (the logits of
+    every position at once would be B x N x V floats: 1.6 GB at 4 x 2,048 tokens of a 49k vocabulary)."""
+    B, N, D = x_BND.shape
+    if N == 0:
+        return jnp.zeros((B, 0), jnp.float32)
+    pad = -N % chunk
+    x_CBcD = jnp.pad(x_BND, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, chunk, D).swapaxes(0, 1)
+    t_CBc = jnp.pad(targets_BN, ((0, 0), (0, pad))).reshape(B, -1, chunk).swapaxes(0, 1)
+
+    def chunk_nll(xt):
+        logp_BcV = jax.nn.log_softmax(llama.output_logits(params, xt[0], cfg), axis=-1)
+        return -jnp.take_along_axis(logp_BcV, xt[1][..., None], axis=-1)[..., 0]
+
+    nll_CBc = jax.lax.map(chunk_nll, (x_CBcD, t_CBc))
+    return nll_CBc.swapaxes(0, 1).reshape(B, -1)[:, :N]
+
+
+@functools.partial(jax.jit, static_argnames=("method", "cfg", "prefix", "order"))
+def _nll_stats_state(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int,
+                     order: str):
+    nll_BN, state = _nll_and_state(params, tokens_BT, method, cfg, prefix, order)
     return nll_BN, method.stats(state, jnp.full((tokens_BT.shape[0],), tokens_BT.shape[1], jnp.int32)), state
 
 
@@ -69,21 +108,26 @@ class DecodePerplexity:
     bytes_allocated_per_sequence: float
     seconds: float
     overflow: int = 0            # tokens a per-head buffer had no room for (allowed only by on_overflow='evict')
+    order: str = "token"         # how it was decoded: 'layer' (layer by layer) or 'token' (token by token)
 
 
 def decode_perplexity(params: Params, rows_NT: np.ndarray, method: CacheMethod, cfg: ModelConfig, prefix: int,
-                      batch: int) -> DecodePerplexity:
-    """Perplexity of token rows [N, T] decoded through `method` (rows batched `batch` at a time).
+                      batch: int, order: str = "auto") -> DecodePerplexity:
+    """Perplexity of token rows [N, T] decoded through `method` (rows batched `batch` at a time); order: 'auto'
+    (layer by layer where the method allows it) or 'token'.
 
     A cache whose per-head buffers ran out of room raises the method's UserError (never a silent number) unless
     its on_overflow allows the fallback; the count is reported either way."""
     import time
 
+    if order not in ("auto", "token"):
+        raise ValueError(f"order must be 'auto' or 'token'; got {order!r}")
+    order = "layer" if order == "auto" and llama.layers_independent(method) else "token"
     start = time.perf_counter()
     total, scored, crs, nbytes, overflow = 0.0, 0, [], 0.0, 0
     for i in range(0, len(rows_NT), batch):
         chunk = jnp.asarray(rows_NT[i:i + batch])
-        nll_BN, stats, state = _nll_stats_state(params, chunk, method, cfg, prefix)
+        nll_BN, stats, state = _nll_stats_state(params, chunk, method, cfg, prefix, order)
         if hasattr(method, "check"):
             method.check(state)
         if "overflow_LBK" in stats:
@@ -96,4 +140,4 @@ def decode_perplexity(params: Params, rows_NT: np.ndarray, method: CacheMethod, 
     return DecodePerplexity(perplexity=math.exp(total / scored), tokens_scored=scored, sequences=len(rows_NT),
                             context=rows_NT.shape[1], prefix=prefix, compression_ratio=float(np.mean(crs)),
                             bytes_allocated_per_sequence=nbytes, seconds=time.perf_counter() - start,
-                            overflow=overflow)
+                            overflow=overflow, order=order)

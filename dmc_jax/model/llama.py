@@ -157,8 +157,8 @@ def _embed(params: Params, tokens_BT: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.take(params["embed"]["embedding"], tokens_BT, axis=0).astype(cfg.dtype)
 
 
-def _logits(params: Params, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final norm and the (tied or untied) output projection; logits in fp32."""
+def output_logits(params: Params, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and the (tied or untied) output projection of hidden states [B, T, D]; logits [B, T, V] in fp32."""
     h_BTD = rms_norm(x_BTD, params["final_norm"], cfg.norm_eps)
     if cfg.tie_embeddings:
         logits_BTV = dense_transposed(h_BTD, params["embed"]["embedding"], cfg.dtype, out_dtype=jnp.float32)
@@ -186,7 +186,7 @@ def forward_aux(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, position
         return out_BTHD, state, aux
 
     x_BTD, _, aux = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, None)
-    return _logits(params, x_BTD, cfg), aux
+    return output_logits(params, x_BTD, cfg), aux
 
 
 def forward(params: Params, tokens_BT: jax.Array, cfg: ModelConfig, positions_BT: Optional[jax.Array] = None,
@@ -211,7 +211,7 @@ def prefill(params: Params, tokens_BT: jax.Array, lengths_B: jax.Array, state: S
 
     x_BTD, state, _ = _layer_stack(params, _embed(params, tokens_BT, cfg), cfg, attend, state)
     last_B1D = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
-    return _logits(params, last_B1D, cfg)[:, 0], state
+    return output_logits(params, last_B1D, cfg)[:, 0], state
 
 
 def decode_step(params: Params, tokens_B: jax.Array, positions_B: jax.Array, state: State, method: CacheMethod,
@@ -225,4 +225,45 @@ def decode_step(params: Params, tokens_B: jax.Array, positions_B: jax.Array, sta
         return out_BHD[:, None], state, None
 
     x_BTD, state, _ = _layer_stack(params, _embed(params, tokens_B[:, None], cfg), cfg, attend, state)
-    return _logits(params, x_BTD, cfg)[:, 0], state
+    return output_logits(params, x_BTD, cfg)[:, 0], state
+
+
+def layers_independent(method: CacheMethod) -> bool:
+    """True when the method declares its state layout (RowOps) and every leaf is per layer ([L, B, ...]): no page
+    pool shared across layers (the paged DMC and DMS caches share one, so the order in which layers take pages
+    changes what a full pool forces out). Such a method can be decoded layer by layer (decode_forced); one without
+    a declared layout (a wrapper such as kv_heads' RopeProjected) is decoded token by token."""
+    layout = getattr(method, "layout", None)
+    return layout is not None and not layout.shared
+
+
+def decode_forced(params: Params, tokens_BN: jax.Array, positions_BN: jax.Array, state: State,
+                  method: CacheMethod, cfg: ModelConfig) -> tuple[jax.Array, State]:
+    """N known tokens per sequence decoded through the cache (teacher forcing), LAYER by layer: the final hidden
+    states [B, N, D] (output_logits gives their logits) and the cache after the N tokens.
+
+    The same numbers as N calls of decode_step (tested), in another order: a layer's input for every token is known
+    once the layer below has run them all, so each layer projects all N tokens at once (matrix products with N x B
+    rows instead of B: bandwidth-bound decode matmuls become compute-bound ones) and only its cache update and
+    attention run token by token, in an inner scan where the layer's weights are loop-invariant (a token-major
+    scanned decode copies every layer's weights out of the stack at every token). Needs layers_independent(method);
+    the weights are scanned (a tuple layout is stacked once)."""
+    if not layers_independent(method):
+        raise ValueError(f"cache method {method.name} shares state across layers; decode it token by token")
+    rope = Rope(cfg)
+
+    def attend(layer, q_BNHD, k_BNKD, v_BNKD, state, **extra):
+        def step(state, xs):
+            q_BHD, k_BKD, v_BKD, pos_B, step_extra = xs
+            out_BHD, state = method.decode(state, layer, q_BHD, k_BKD, v_BKD, pos_B, rope,
+                                           **_extra_for(method, step_extra))
+            return state, out_BHD
+
+        per_token = {name: jnp.swapaxes(a, 0, 1)[:, :, None] for name, a in extra.items()}  # [N, B, 1, ...]
+        xs = (jnp.swapaxes(q_BNHD, 0, 1), jnp.swapaxes(k_BNKD, 0, 1), jnp.swapaxes(v_BNKD, 0, 1),
+              jnp.swapaxes(positions_BN, 0, 1), per_token)
+        state, out_NBHD = jax.lax.scan(step, state, xs)
+        return jnp.swapaxes(out_NBHD, 0, 1), state, None
+
+    x_BND, state, _ = _layer_stack(stack_layers(params), _embed(params, tokens_BN, cfg), cfg, attend, state)
+    return x_BND, state

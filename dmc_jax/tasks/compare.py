@@ -70,8 +70,8 @@ def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, d
     print(f"[compare] {label} {method_name} CR {ratio}", flush=True)
     if "ppl" in c.evals:
         try:
-            res = decode_perplexity(params, data["ppl_rows"], method, cfg, c.prefix, c.batch)
-            row.update(ppl=res.perplexity, logical_cr=res.compression_ratio,
+            res = decode_perplexity(params, data["ppl_rows"], method, cfg, c.prefix, c.batch, c.decode_order)
+            row.update(decode_order=res.order, ppl=res.perplexity, logical_cr=res.compression_ratio,
                        bytes_per_seq=res.bytes_allocated_per_sequence, tokens_scored=res.tokens_scored,
                        overflow=res.overflow)
             spill = f", {res.overflow} tokens forced out by a full buffer (on_overflow='evict')" if res.overflow else ""

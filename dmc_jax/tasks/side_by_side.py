@@ -2,7 +2,7 @@
 (`retrofit.side_by_side`, default H2O and TOVA) AT THE CR THE TRAINED MODEL REACHED, on the same held-out text.
 
 Every row is measured with task compare's decode-time protocol (held-out sequences of eval.window tokens, a short
-prefix prefilled, the rest decoded token by token through the cache; optionally passkey retrieval), in ONE compare
+prefix prefilled, the rest decoded through the cache; optionally passkey retrieval), in ONE compare
 run directory, <run>/side_by_side (compare.md, rows.json, plots):
     1. the dense cache (the original model, CR 1) and the trained model with its serving cache (e.g. dmc_paged):
        its logical CR on this text is measured, not assumed;
