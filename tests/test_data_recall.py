@@ -120,6 +120,8 @@ def test_pipeline_recall_rows_are_deterministic_resume_exactly_and_spare_the_eva
     np.testing.assert_array_equal(b["tokens"], batches[0]["tokens"])  # the same rows, now with weights
     assert b["loss_weights"].shape == b["tokens"].shape and b["loss_weights"].dtype == np.float32
     assert set(np.unique(b["loss_weights"])) == {1.0, 5.0}
+    from dmc_jax.data.options import has_loss_weights  # what task plan shapes its batch by
+    assert has_loss_weights(weighted) and not has_loss_weights(cfg) and not has_loss_weights(plain)
 
 
 @pytest.mark.parametrize("field,value,match", [("recall_fraction", 1.5, "recall_fraction must be in"),

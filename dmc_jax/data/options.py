@@ -90,6 +90,12 @@ def validate(cfg_data: ml_collections.ConfigDict) -> None:
         require(isinstance(c[name], bool), f"data.{name} must be True or False, got {c[name]!r}")
 
 
+def has_loss_weights(c) -> bool:
+    """Whether the training batches carry 'loss_weights' (data/recall.py): recall rows whose restatements weigh
+    data.recall_weight != 1 in the loss."""
+    return c.recall_fraction > 0 and c.get("recall_weight", 1.0) != 1.0
+
+
 def _int(c, name: str, low: int, high: int | None = None) -> None:
     value = c[name]
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)

@@ -29,6 +29,7 @@ import sys
 import jax.numpy as jnp
 import ml_collections
 
+from dmc_jax.data import options as data_options
 from dmc_jax.errors import UserError
 from dmc_jax.model.architectures import ARCHITECTURES, SOURCE_NAMES
 from dmc_jax.model.config import DTYPES, ModelConfig
@@ -237,7 +238,7 @@ def compile_memory(config) -> dict:
     B, T = config.data.batch_size, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=s.batch_sharding)
              for k in ("tokens", "segment_ids", "positions")}
-    if config.data.recall_fraction > 0 and config.data.get("recall_weight", 1.0) != 1.0:  # recall_weight's batches
+    if data_options.has_loss_weights(config.data):  # recall rows with data.recall_weight
         batch["loss_weights"] = jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=s.batch_sharding)
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=s.replicated)
     compiled = s.train_step.lower(state["params"], state["opt_state"], batch, state["rng"], step, *extra).compile()
