@@ -215,6 +215,33 @@ def test_passkey_in_chunks_equals_all_prompts_at_once():
     assert [(c.length, c.depth, c.trials) for c in chunks] == [(200, 0.2, 3), (200, 0.8, 3)]
 
 
+def test_draw_keys_gives_the_prompts_run_passkey_asked_and_rechecks_its_hits(monkeypatch):
+    """benchmarks/passkey_paired.py checks rows prompt by prompt with draw_keys: the keys must be run_passkey's."""
+    import jax
+
+    from dmc_jax.cache.dense import DenseCache
+    from dmc_jax.evaluation import passkey
+    from dmc_jax.tokenizer.byte_tokenizer import ByteTokenizer
+
+    cfg = tiny_config(vocab_size=ByteTokenizer.vocab_size)
+    params = llama.unstack_layers(init_params(cfg, jax.random.PRNGKey(0)))
+    tok = ByteTokenizer()
+    filler = np.asarray(tok.encode("the cat sat on the mat and looked at the dog. " * 20), np.int32)
+    built = []
+    real_build = passkey.build_prompt
+    monkeypatch.setattr(passkey, "build_prompt", lambda *a: built.append(a[4]) or real_build(*a))  # each key built
+    cells = passkey.run_passkey(params, cfg, tok, filler, lambda n: DenseCache(), (120, 160), (0.3, 0.7),
+                                trials=2, seed=5, answer_tokens=2)
+    drawn = passkey.draw_keys(len(filler), (120, 160), (0.3, 0.7), 2, seed=5)
+    assert built == [key for n in (120, 160) for _, key, _ in drawn[n]]
+    assert [d for n in (120, 160) for d, _, _ in drawn[n]] == [0.3, 0.3, 0.7, 0.7] * 2
+    answers = [x for c in cells for x in c.answers]
+    keys = [key for n in (120, 160) for _, key, _ in drawn[n]]
+    assert [sum(passkey.is_correct(a, k) for a, k in zip(answers[i:i + 2], keys[i:i + 2])) for i in range(0, 8, 2)] \
+        == [c.correct for c in cells]
+    assert passkey.is_correct(" 12345.", 12345) and not passkey.is_correct("1234", 12345)
+
+
 def test_a_target_cr_the_user_sets_sizes_a_trained_models_cache_in_compare():
     from dmc_jax.cache import registry
     from dmc_jax.dms.objective import default_config as dms_section

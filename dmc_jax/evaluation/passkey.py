@@ -45,6 +45,27 @@ def build_prompt(tokenizer, filler_ids: np.ndarray, length: int, depth: float, k
     return head + fill[:cut] + needle + fill[cut:] + tail
 
 
+def is_correct(answer: str, key: int) -> bool:
+    """A trial is correct when the generated text starts with the key's digits (after whitespace)."""
+    return answer.strip().startswith(str(key))
+
+
+def draw_keys(filler_len: int, lengths: Sequence[int], depths: Sequence[float], trials: int,
+              seed: int = 0) -> dict:
+    """{length: [(depth, key, filler offset), ...]}: the prompts run_passkey builds for `seed`, in its order (so a
+    row's answers can be checked prompt by prompt afterwards, e.g. benchmarks/passkey_paired.py)."""
+    rng = np.random.default_rng(seed)
+    drawn = {}
+    for length in lengths:
+        drawn[length] = []
+        for depth in depths:
+            for _ in range(trials):
+                key = int(rng.integers(10000, 100000))
+                offset = int(rng.integers(0, max(filler_len - length, 1)))
+                drawn[length].append((float(depth), key, offset))
+    return drawn
+
+
 def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Callable[[int], object],
                 lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
                 answer_tokens: int = 6, batch: int = 0) -> list[PasskeyCell]:
@@ -52,18 +73,15 @@ def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Cal
     batch: prompts decoded at once (0 = all of a length; long prompts need chunks: a 2k-token prefill of 24 prompts
     holds GBs of attention scores). Every chunk has the same shape (the last one padded), so one compilation; the
     chunks are balanced (at most `batch` prompts each, as few chunks as that allows)."""
-    rng = np.random.default_rng(seed)
+    drawn = draw_keys(len(filler_ids), lengths, depths, trials, seed)
     cells = []
     for length in lengths:
         method = make_method(length)
         rows, keys, meta = [], [], []
-        for depth in depths:
-            for _ in range(trials):
-                key = int(rng.integers(10000, 100000))
-                offset = int(rng.integers(0, max(len(filler_ids) - length, 1)))
-                rows.append(build_prompt(tokenizer, filler_ids, length, depth, key, offset))
-                keys.append(key)
-                meta.append(depth)
+        for depth, key, offset in drawn[length]:
+            rows.append(build_prompt(tokenizer, filler_ids, length, depth, key, offset))
+            keys.append(key)
+            meta.append(depth)
         T = max(len(r) for r in rows)
         prompt_BT = np.zeros((len(rows), T), np.int32)
         for b, r in enumerate(rows):
@@ -84,6 +102,6 @@ def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Cal
         answers = [tokenizer.decode([int(x) for x in row]) for row in answer_ids[:n]]
         for depth in depths:
             idx = [i for i, d in enumerate(meta) if d == depth]
-            hits = sum(answers[i].strip().startswith(str(keys[i])) for i in idx)
+            hits = sum(is_correct(answers[i], keys[i]) for i in idx)
             cells.append(PasskeyCell(length, float(depth), hits, len(idx), [answers[i] for i in idx]))
     return cells

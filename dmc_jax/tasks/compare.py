@@ -102,14 +102,20 @@ def _evaluate(config, label, params, cfg, tokenizer, method_name, ratio, wrap, d
     return row
 
 
+def passkey_filler(tokenizer) -> np.ndarray:
+    """The passkey prompts' filler: token ids of the default corpus's first training work."""
+    from dmc_jax.kv_heads.convert import default_calibration_files
+
+    return np.asarray(tokenizer.encode(read_text(default_calibration_files()[0])), np.int32)
+
+
 def _data(config, tokenizer) -> dict:
     from dmc_jax.data import default_corpus
-    from dmc_jax.kv_heads.convert import default_calibration_files
 
     c = config.compare
     files = [f.strip() for f in c.text_files.split(",") if f.strip()] or default_corpus.heldout_files()
     ids = np.concatenate([np.asarray(tokenizer.encode(read_text(f)), np.int32) for f in files])
-    filler = np.asarray(tokenizer.encode(read_text(default_calibration_files()[0])), np.int32)  # training text
+    filler = passkey_filler(tokenizer)
     mc = {}
     if "mc" in c.evals and c.mc_tasks:
         paths = bigbench.ensure_tasks(c.mc_cache_dir, c.mc_tasks)
