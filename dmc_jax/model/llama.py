@@ -1,9 +1,10 @@
 """The Llama forward pass as pure functions over the parameter pytree; layers run under `jax.lax.scan`.
 
-Three entry points share one layer stack and differ only in how attention sees the past:
-    forward_aux  a whole sequence, no cache, with a SequenceAttention (vanilla causal, or DMC's training form)
-    prefill      a right-padded batch of prompts through a cache method, which builds its cache
-    decode_step  one token per sequence through a cache method
+Four entry points share one layer stack and differ only in how attention sees the past:
+    forward_aux    a whole sequence, no cache, with a SequenceAttention (vanilla causal, or DMC's training form)
+    prefill        a right-padded batch of prompts through a cache method, which builds its cache
+    decode_step    one token per sequence through a cache method
+    decode_forced  N known tokens per sequence through a cache method, layer by layer (teacher forcing)
 
 A model with DMS decision adapters (cfg.dms_adapter) also computes, per layer, the adapter's raw logits
 adapter_BTK from the layer's input (before its attention norm); an attention or cache method that reads them
@@ -242,7 +243,8 @@ def decode_forced(params: Params, tokens_BN: jax.Array, positions_BN: jax.Array,
     """N known tokens per sequence decoded through the cache (teacher forcing), LAYER by layer: the final hidden
     states [B, N, D] (output_logits gives their logits) and the cache after the N tokens.
 
-    The same numbers as N calls of decode_step (tested), in another order: a layer's input for every token is known
+    The computation of N calls of decode_step in another order (fp32: equal to rounding, tested; bf16 rounds its
+    products differently, so an eviction policy's choices can differ): a layer's input for every token is known
     once the layer below has run them all, so each layer projects all N tokens at once (matrix products with N x B
     rows instead of B: bandwidth-bound decode matmuls become compute-bound ones) and only its cache update and
     attention run token by token, in an inner scan where the layer's weights are loop-invariant (a token-major
