@@ -34,6 +34,13 @@ from dmc_jax.model.params import Params
 ORDERS = ("auto", "token", "layer")
 
 
+def resolve_order(order: str, method: CacheMethod) -> str:
+    """'layer' or 'token': how `order` ('auto' = layer by layer where the method allows it) decodes `method`."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
+    return "layer" if order == "layer" or (order == "auto" and llama.layers_independent(method)) else "token"
+
+
 @functools.partial(jax.jit, static_argnames=("method", "cfg", "prefix", "order"))
 def nll_through_cache(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int,
                       order: str = "auto"):
@@ -45,14 +52,12 @@ def nll_through_cache(params: Params, tokens_BT: jax.Array, method: CacheMethod,
 
 def _nll_and_state(params: Params, tokens_BT: jax.Array, method: CacheMethod, cfg: ModelConfig, prefix: int,
                    order: str = "auto"):
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
     B, T = tokens_BT.shape
     state = method.init(cfg, B, T)
     logits_BV, state = llama.prefill(params, tokens_BT[:, :prefix], jnp.full((B,), prefix, jnp.int32), state,
                                      method, cfg)
     first_B = _nll(logits_BV, tokens_BT[:, prefix])
-    if order == "layer" or (order == "auto" and llama.layers_independent(method)):  # llama.decode_forced
+    if resolve_order(order, method) == "layer":  # llama.decode_forced
         positions_BN = jnp.broadcast_to(jnp.arange(prefix, T - 1, dtype=jnp.int32), (B, T - 1 - prefix))
         x_BND, state = llama.decode_forced(params, tokens_BT[:, prefix:T - 1], positions_BN, state, method, cfg)
         rest_BN = _nll_of_hidden(params, x_BND, tokens_BT[:, prefix + 1:], cfg)
@@ -113,16 +118,14 @@ class DecodePerplexity:
 
 def decode_perplexity(params: Params, rows_NT: np.ndarray, method: CacheMethod, cfg: ModelConfig, prefix: int,
                       batch: int, order: str = "auto") -> DecodePerplexity:
-    """Perplexity of token rows [N, T] decoded through `method` (rows batched `batch` at a time); order: 'auto'
-    (layer by layer where the method allows it) or 'token'.
+    """Perplexity of token rows [N, T] decoded through `method` (rows batched `batch` at a time); order: one of
+    ORDERS (resolve_order).
 
     A cache whose per-head buffers ran out of room raises the method's UserError (never a silent number) unless
     its on_overflow allows the fallback; the count is reported either way."""
     import time
 
-    if order not in ("auto", "token"):
-        raise ValueError(f"order must be 'auto' or 'token'; got {order!r}")
-    order = "layer" if order == "auto" and llama.layers_independent(method) else "token"
+    order = resolve_order(order, method)
     start = time.perf_counter()
     total, scored, crs, nbytes, overflow = 0.0, 0, [], 0.0, 0
     for i in range(0, len(rows_NT), batch):
