@@ -1,8 +1,8 @@
 """Whether this CPU multiplies bf16 matrices fast (AMX-BF16 or AVX512-BF16), and the compute dtype that follows.
 
-XLA:CPU runs canonical bf16 x bf16 -> fp32 matmuls in its matmul library on these instructions (jax <= 0.12.0.1;
-0.12.1 lost that path, benchmarks/matmul_bf16.py; with
-model/linear.py's layouts, forward and backward); without them bf16 is emulated and slower than fp32.
+XLA:CPU runs canonical bf16 x bf16 -> fp32 matmuls in its matmul library on these instructions (with
+model/linear.py's layouts, forward and backward); without them bf16 is emulated and slower than fp32. jax 0.12.1
+lost that path even with them (benchmarks/matmul_bf16.py; setup.cfg pins jax below it).
 Read from /proc/cpuinfo (Linux); any other platform reports no fast bf16.
 """
 
