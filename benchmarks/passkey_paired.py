@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         if n != a.baseline:
             t = out["against_baseline"][n]
             line += (f"   against {a.baseline}: {t['only_this']} prompts only it, {t['only_baseline']} only "
-                     f"{a.baseline} (sign test p = {t['p_two_sided']:.2f})")
+                     f"{a.baseline} (sign test p = {t['p_two_sided']:.2g})")
         print(line)
     if a.json:
         path = pathlib.Path(a.json)
