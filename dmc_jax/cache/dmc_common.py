@@ -14,6 +14,7 @@ Shape letters: L layers, B batch, K KV heads, W ring (window) size, T prompt tim
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 from dmc_jax.cache import registry
 from dmc_jax.cache.protocol import RopeFn
+from dmc_jax.cache.zeroed_channel import ZeroedChannel
 from dmc_jax.dmc.accumulate import accumulate
 from dmc_jax.dmc.attention import dmc_core
 from dmc_jax.dmc.config import DMCConfig, default_section, from_section, validate_section
@@ -30,9 +32,18 @@ OVERFLOW = ("error", "merge")
 
 # What a DMC model carries (its `dmc` section: window, channel, offset, target CR, ...) and how it is trained; both
 # DMC caches are served from it.
+def _other_cache(section):
+    """A DMC model served by another cache method: channel ch of every q and k head zeroed (DMC's attention with
+    every decision 'append')."""
+    dmc = from_section(section)
+    return functools.partial(ZeroedChannel, channel=dmc.decision_channel, first_of_group=False, keys=True,
+                             after_rope=dmc.zero_after_rope)
+
+
 TRAINED = registry.TrainedMethod(
     section="dmc", defaults=lambda: default_section().to_dict(), validate=validate_section,
-    objective="dmc_jax.dmc.objective:make", evaluate="dmc_jax.dmc.objective:eval_attention", serve_method="dmc_paged")
+    objective="dmc_jax.dmc.objective:make", evaluate="dmc_jax.dmc.objective:eval_attention", serve_method="dmc_paged",
+    other_cache=_other_cache)
 # The fields both DMC caches share: the CR their buffers are sized for and what happens when one runs out of room.
 SIZING = {"target_cr": 0.0, "margin": 1.25, "on_overflow": "error"}
 SIZING_LEGACY = {name: name for name in SIZING}

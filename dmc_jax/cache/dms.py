@@ -27,6 +27,7 @@ Shape letters: L layers, B batch, K KV heads, C slots, T prompt time, H query he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -36,6 +37,7 @@ import numpy as np
 from dmc_jax.cache import registry
 from dmc_jax.cache.overflow import check_buffer, check_sizing
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
+from dmc_jax.cache.zeroed_channel import ZeroedChannel
 from dmc_jax.dms.attention import dms_core
 from dmc_jax.dms.config import DMSConfig, default_section, from_section, served, validate_section
 from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
@@ -212,10 +214,21 @@ def _check_sequences(section, config) -> None:
 
 # What a DMS model carries (its `dms` section: window, decision channel, scale, offset, target CR) and how it is
 # trained (dmc_jax.dms.objective, distillation through the `distill` section).
+def _other_cache(section):
+    """A DMS model served by another cache method: the decision channel of each group's first query head zeroed
+    (as DMSAttention without eviction); an adapter model's q carries no decision, so it needs nothing."""
+    dms = from_section(section)
+    if dms.decision != "q_channel":
+        return None
+    return functools.partial(ZeroedChannel, channel=dms.decision_channel, first_of_group=True, keys=False,
+                             after_rope=dms.zeroes_q_after_rope)
+
+
 TRAINED = registry.TrainedMethod(
     section="dms", defaults=lambda: default_section().to_dict(), validate=validate_section,
     objective="dmc_jax.dms.objective:make", evaluate="dmc_jax.dms.objective:eval_attention", serve_method="dms",
-    engine_method="dms_paged", validate_run=_check_sequences, prepare_model="dmc_jax.dms.objective:with_adapter")
+    engine_method="dms_paged", validate_run=_check_sequences, prepare_model="dmc_jax.dms.objective:with_adapter",
+    other_cache=_other_cache)
 
 registry.register(registry.MethodSpec(
     name="dms", trained=TRAINED, sized_by_cr=True,

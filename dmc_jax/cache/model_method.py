@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import ml_collections
 
@@ -48,13 +48,15 @@ class Resolved:
     cache: ml_collections.ConfigDict
     hparams: Optional[ml_collections.ConfigDict]
     from_model: bool = False  # hparams are the model directory's: a cache left unsized is sized for its trained CR
+    wrap: Optional[Callable] = None  # a model trained for another method: wrap(method) serves its weights as trained
 
     def make(self, **overrides):
         spec = registry.get(self.name)
         if (self.from_model and spec.sized_by_cr and "target_cr" not in overrides
                 and not registry.method_section(self.cache, self.name).get("target_cr", 0.0)):
             overrides["target_cr"] = float(self.hparams.target_cr)
-        return registry.build(self.name, self.cache, self.hparams, **overrides)
+        method = registry.build(self.name, self.cache, self.hparams, **overrides)
+        return method if self.wrap is None else self.wrap(method)
 
 
 def save(path: str, cfg, params, tokenizer, method: str, hparams: Optional[ml_collections.ConfigDict] = None,
@@ -124,7 +126,8 @@ def read(source) -> Optional[SavedMethod]:
 def resolve(config: ml_collections.ConfigDict, method: Optional[str] = None) -> Resolved:
     """The method of a run: `method` or config.cache.method ('auto' = the model directory's, else dense); a trained
     method takes the model directory's hyper-parameters when it was trained for the same section, else the config's
-    section (e.g. config.dmc), else that section's defaults."""
+    section (e.g. config.dmc), else that section's defaults. A model trained for DMC or DMS served by a method of
+    another section is served as its trained attention runs with nothing compressed (Resolved.wrap)."""
     saved = read(config.model.source) if "model" in config else None
     cache = config.get("cache") or ml_collections.ConfigDict()
     name = method or cache.get("method", registry.AUTO)
@@ -138,7 +141,18 @@ def resolve(config: ml_collections.ConfigDict, method: Optional[str] = None) -> 
             hparams, from_model = saved.hparams, True
         elif section in config:
             hparams = config[section]
-    return Resolved(name, cache, hparams, from_model)
+    return Resolved(name, cache, hparams, from_model, _other_cache_wrap(saved, spec))
+
+
+def _other_cache_wrap(saved: Optional[SavedMethod], spec) -> Optional[Callable]:
+    """How a model trained for a decision-channel method (DMC, DMS) is served by a method of another section
+    (dense, H2O, TOVA, ...): its trained attention with nothing compressed (cache/zeroed_channel.py); else None."""
+    if saved is None or saved.hparams is None:
+        return None
+    own = registry.get(saved.method).trained
+    if own.other_cache is None or (spec.trained is not None and spec.trained.section == own.section):
+        return None
+    return own.other_cache(saved.hparams)
 
 
 def make(config: ml_collections.ConfigDict):

@@ -62,6 +62,9 @@ class TrainedMethod:
         e.g. DMS's window against data.seq_len.
     prepare_model: optional 'module:function' (config, model_cfg, params) -> (model_cfg, params), run by the train
         task before the objective is built: parameters the method adds to a model (DMS's decision adapter).
+    other_cache: optional (section) -> wrap or None, where wrap(method) serves the model's weights through ANOTHER
+        cache method (dense, an eviction policy) as the trained attention runs when it compresses nothing (DMC's and
+        DMS's decision channel zeroed: cache/zeroed_channel.py); model_method.resolve applies it.
     """
 
     section: str
@@ -73,6 +76,7 @@ class TrainedMethod:
     engine_method: str = ""
     validate_run: Optional[Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], None]] = None
     prepare_model: str = ""
+    other_cache: Optional[Callable[[ml_collections.ConfigDict], Optional[Callable]]] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,8 +211,8 @@ def _extra_model_rows(config, spec: str, base_cfg, tok, data, rows: Rows) -> Non
     kv_cr = base_cfg.num_kv_heads * base_cfg.head_dim / (extra.cfg.num_kv_heads * extra.cfg.head_dim)
     for r in grid:
         def measure(r=r):
-            row = _evaluate(config, label, extra.params, extra.cfg, tok, method, r.ratio, None, data,
-                            resolved.hparams)
+            row = _evaluate(config, label, extra.params, extra.cfg, tok, method, r.ratio, resolved.wrap, data,
+                            resolved.hparams)  # wrap: a DMC/DMS model under another method, its channel zeroed
             if method == "dense":
                 row["ratio"] = kv_cr
             return {**row, "source": source}
