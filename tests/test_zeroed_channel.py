@@ -15,6 +15,7 @@ from dmc_jax.dmc.attention import DMCAttention
 from dmc_jax.dmc.config import default_section as dmc_section, from_section as dmc_from_section
 from dmc_jax.dms.attention import DMSAttention
 from dmc_jax.dms.config import default_section as dms_section, from_section as dms_from_section
+from dmc_jax.errors import UserError
 from dmc_jax.model import llama
 from dmc_jax.model.config import tiny_config
 from dmc_jax.model.params import init_params
@@ -113,3 +114,10 @@ def test_resolve_wraps_only_methods_of_another_section(tmp_path, method, wrapped
 def test_a_plain_model_is_never_wrapped():
     config = ml_collections.ConfigDict({"model": {"source": "tiny"}, "cache": registry.default_config()})
     assert model_method.resolve(config, "tova").wrap is None
+
+
+def test_a_trained_method_of_another_family_is_refused(tmp_path):
+    path = _saved_model(tmp_path, "dms", _section("dms", window=4, target_cr=4.0))
+    config = ml_collections.ConfigDict({"model": {"source": path}, "cache": registry.default_config()})
+    with pytest.raises(UserError, match="trained for dms; cache method 'dmc_paged' needs a model trained for dmc"):
+        model_method.resolve(config, "dmc_paged")

@@ -150,7 +150,12 @@ def _other_cache_wrap(saved: Optional[SavedMethod], spec) -> Optional[Callable]:
     if saved is None or saved.hparams is None:
         return None
     own = registry.get(saved.method).trained
-    if own.other_cache is None or (spec.trained is not None and spec.trained.section == own.section):
+    if spec.trained is not None and spec.trained.section != own.section:
+        same = [n for n in registry.names() if registry.get(n).trained is own]
+        raise UserError(f"{saved.path}: the model was trained for {own.section}; cache method {spec.name!r} needs a "
+                        f"model trained for {spec.trained.section}: use {' or '.join(same)}, or a training-free "
+                        f"method (dense, h2o, tova, ...)")
+    if own.other_cache is None or spec.trained is not None:
         return None
     return own.other_cache(saved.hparams)
 
