@@ -23,6 +23,7 @@ from dmc_jax.dms.config import from_section
 from dmc_jax.errors import UserError
 from dmc_jax.model import llama
 from dmc_jax.weights.hf_io import load_hf_dir
+from tests.jitted import prefill_then_decode
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 DIR = os.path.join(FIX, "tiny_qwen3_dms")
@@ -75,10 +76,6 @@ def test_logits_and_decisions_match_the_reference(model):
     assert np.abs(np.asarray(keep) - REF[ref + "logits"]).max() > 1e-2  # the window (8 < 40) evicts something
 
 
-_prefill = jax.jit(llama.prefill, static_argnames=("method", "cfg"))
-_decode = jax.jit(llama.decode_step, static_argnames=("method", "cfg"))
-
-
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_cache_method_auto_serves_it_like_the_reference(model):
     """cache.method 'auto' on the directory: prefill 16 tokens, decode the rest token by token; every logit is
@@ -90,14 +87,9 @@ def test_cache_method_auto_serves_it_like_the_reference(model):
     method = model_method.make(_config(d, capacity=40))
     ids = jnp.asarray(REF["input_ids"])
     B, T, P = ids.shape[0], ids.shape[1], 16
-    state = method.init(cfg, B, T)
-    logits, state = _prefill(params, ids[:, :P], jnp.full((B,), P), state, method=method, cfg=cfg)
-    got = [logits]
-    for t in range(P, T):
-        logits, state = _decode(params, ids[:, t], jnp.full((B,), t), state, method=method, cfg=cfg)
-        got.append(logits)
-    np.testing.assert_allclose(np.stack(got[:-1], 1), REF[ref + "logits"][:, P - 1:T - 1], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(got[-1], REF[ref + "logits"][:, T - 1], atol=1e-4, rtol=1e-4)
+    got, state = prefill_then_decode(params, cfg, method, ids, P)  # [B, T - P + 1, V]
+    np.testing.assert_allclose(got[:, :-1], REF[ref + "logits"][:, P - 1:T - 1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[:, -1], REF[ref + "logits"][:, T - 1], atol=1e-4, rtol=1e-4)
     method.check(state)
     stats = method.stats(state, jnp.full((B,), T))
     assert float(stats["compression_ratio"]) > 1.2  # tokens left the cache

@@ -19,10 +19,7 @@ from dmc_jax.errors import UserError
 from dmc_jax.model import llama
 from dmc_jax.model.config import tiny_config
 from dmc_jax.model.params import init_params
-
-_prefill = jax.jit(llama.prefill, static_argnames=("method", "cfg"))
-_decode = jax.jit(llama.decode_step, static_argnames=("method", "cfg"))
-
+from tests.jitted import prefill_then_decode
 
 def _model(kv_heads, seed=0):
     cfg = tiny_config(num_kv_heads=kv_heads, num_heads=4, max_seq_len=64)
@@ -34,18 +31,6 @@ def _model(kv_heads, seed=0):
         w[..., cfg.head_dim - 3] *= 40.0
         layers[name] = jnp.asarray(w)
     return cfg, {**params, "layers": layers}
-
-
-def _cached_logits(cfg, params, method, tokens_BT, prompt):
-    """Logits [B, T - prompt + 1, V]: after the prompt (prefill), then after each later token (decode)."""
-    B, T = tokens_BT.shape
-    state = method.init(cfg, B, T)
-    logits_BV, state = _prefill(params, tokens_BT[:, :prompt], jnp.full((B,), prompt), state, method=method, cfg=cfg)
-    out = [logits_BV]
-    for t in range(prompt, T):
-        logits_BV, state = _decode(params, tokens_BT[:, t], jnp.full((B,), t), state, method=method, cfg=cfg)
-        out.append(logits_BV)
-    return np.stack(out, axis=1)
 
 
 def _section(kind, **kw):
@@ -70,10 +55,10 @@ def test_another_cache_serves_the_trained_attention(kind, kv_heads, after_rope):
     tokens_BT = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
     want_BTV = np.asarray(llama.forward_aux(params, tokens_BT, cfg, attention=_oracle(kind, section))[0])[:, 4:]
     wrap = registry.get(kind).trained.other_cache(section)
-    got = _cached_logits(cfg, params, wrap(DenseCache()), tokens_BT, prompt=5)
+    got = prefill_then_decode(params, cfg, wrap(DenseCache()), tokens_BT, 5)[0]
     np.testing.assert_allclose(got, want_BTV, atol=2e-4, rtol=2e-4)
     # The channel matters: served plainly, the same weights give other logits (so the test can fail).
-    plain = _cached_logits(cfg, params, DenseCache(), tokens_BT, prompt=5)
+    plain = prefill_then_decode(params, cfg, DenseCache(), tokens_BT, 5)[0]
     assert np.max(np.abs(plain - want_BTV)) > 1e-2
 
 
@@ -84,7 +69,7 @@ def test_an_eviction_policy_with_room_for_everything_matches_too():
     want_BTV = np.asarray(llama.forward_aux(params, tokens_BT, cfg, attention=_oracle("dms", section))[0])[:, 3:]
     method = registry.get("dms").trained.other_cache(section)(TOVACache(budget=16))
     assert method.name == "tova" and method.layout == TOVACache(budget=16).layout
-    np.testing.assert_allclose(_cached_logits(cfg, params, method, tokens_BT, prompt=4), want_BTV, atol=2e-4,
+    np.testing.assert_allclose(prefill_then_decode(params, cfg, method, tokens_BT, 4)[0], want_BTV, atol=2e-4,
                                rtol=2e-4)
 
 
