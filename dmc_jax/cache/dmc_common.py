@@ -30,8 +30,6 @@ from dmc_jax.dmc.decisions import decisions, read_channel, zero_channel
 
 OVERFLOW = ("error", "merge")
 
-# What a DMC model carries (its `dmc` section: window, channel, offset, target CR, ...) and how it is trained; both
-# DMC caches are served from it.
 def _other_cache(section):
     """A DMC model served by another cache method: channel ch of every q and k head zeroed (DMC's attention with
     every decision 'append')."""
@@ -40,6 +38,8 @@ def _other_cache(section):
                              after_rope=dmc.zero_after_rope)
 
 
+# What a DMC model carries (its `dmc` section: window, channel, offset, target CR, ...) and how it is trained; both
+# DMC caches are served from it.
 TRAINED = registry.TrainedMethod(
     section="dmc", defaults=lambda: default_section().to_dict(), validate=validate_section,
     objective="dmc_jax.dmc.objective:make", evaluate="dmc_jax.dmc.objective:eval_attention", serve_method="dmc_paged",

@@ -212,8 +212,6 @@ def _check_sequences(section, config) -> None:
         from_section(section).check_context(config.data.seq_len, "data.seq_len")
 
 
-# What a DMS model carries (its `dms` section: window, decision channel, scale, offset, target CR) and how it is
-# trained (dmc_jax.dms.objective, distillation through the `distill` section).
 def _other_cache(section):
     """A DMS model served by another cache method: the decision channel of each group's first query head zeroed
     (as DMSAttention without eviction); an adapter model's q carries no decision, so it needs nothing."""
@@ -224,6 +222,8 @@ def _other_cache(section):
                              after_rope=dms.zeroes_q_after_rope)
 
 
+# What a DMS model carries (its `dms` section: window, decision channel, scale, offset, target CR) and how it is
+# trained (dmc_jax.dms.objective, distillation through the `distill` section).
 TRAINED = registry.TrainedMethod(
     section="dms", defaults=lambda: default_section().to_dict(), validate=validate_section,
     objective="dmc_jax.dms.objective:make", evaluate="dmc_jax.dms.objective:eval_attention", serve_method="dms",
