@@ -131,7 +131,7 @@ class DMSCache(RowOps):
         mark_BK = (a_B1K[:, 0] > 0) & (positions_B > 0)[:, None]  # the previous token leaves after the window
         q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
         if dms.zeroes_q_after_rope:
-            q_BHD = zero_decision_heads(q_BHD[:, None], K, dms.channel(Dh))[:, 0]
+            q_BHD = zero_decision_heads(q_BHD, K, dms.channel(Dh))
         k_BKD = rope(k_BKD[:, None], positions_B[:, None])[:, 0]
         pos_BKC, evict_BKC, last_BK = state["pos"][layer], state["evict_at"][layer], state["last"][layer]
         C = pos_BKC.shape[-1]

@@ -188,7 +188,7 @@ class DMSPagedCache(RowOps):
         a_B1K, q_B1HD = self._decision(q_BHD[:, None], K, dms, adapter_BTK)
         q_BHD = rope(q_B1HD, positions_B[:, None])[:, 0]
         if dms.zeroes_q_after_rope:
-            q_BHD = zero_decision_heads(q_BHD[:, None], K, dms.channel(Dh))[:, 0]
+            q_BHD = zero_decision_heads(q_BHD, K, dms.channel(Dh))
         k_BKD = rope(k_BKD[:, None], positions_B[:, None])[:, 0]
         table_BKM, count_BK, recent_BKR = state["table"][layer], state["count"][layer], state["recent"][layer]
         M, R = table_BKM.shape[2], recent_BKR.shape[2]

@@ -24,6 +24,8 @@ import dataclasses
 import jax
 
 from dmc_jax.cache.protocol import RopeFn
+from dmc_jax.dmc.decisions import zero_channel
+from dmc_jax.dms.decisions import zero_decision_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +48,23 @@ class ZeroedChannel:
             raise AttributeError(attr)
         return getattr(self.inner, attr)
 
-    def _zero(self, x_BTND: jax.Array, heads: slice) -> jax.Array:
-        return x_BTND.at[..., heads, self.channel % x_BTND.shape[-1]].set(0)
-
-    def _heads(self, H: int, K: int):
-        """(query heads zeroed, key heads zeroed or None)."""
-        q_heads = slice(None, None, H // K) if self.first_of_group else slice(None)
-        return q_heads, slice(None) if self.keys else None
+    def _zero(self, x_ND: jax.Array, num_kv_heads: int) -> jax.Array:
+        """x ([..., N, Dh]) with the channel zeroed in the heads this model's attention zeroes it in."""
+        ch = self.channel % x_ND.shape[-1]
+        return zero_decision_heads(x_ND, num_kv_heads, ch) if self.first_of_group else zero_channel(x_ND, ch)
 
     def _inputs(self, q_BTHD: jax.Array, k_BTKD: jax.Array):
-        q_heads, k_heads = self._heads(q_BTHD.shape[-2], k_BTKD.shape[-2])
-        return self._zero(q_BTHD, q_heads), k_BTKD if k_heads is None else self._zero(k_BTKD, k_heads)
+        K = k_BTKD.shape[-2]
+        return self._zero(q_BTHD, K), self._zero(k_BTKD, K) if self.keys else k_BTKD
 
     def _rope(self, rope: RopeFn, H: int, K: int) -> RopeFn:
         if not self.after_rope:
             return rope
-        q_heads, k_heads = self._heads(H, K)
 
         def rotated(x_BTND, positions_BT):
             out_BTND = rope(x_BTND, positions_BT)
-            if out_BTND.shape[-2] == H:  # queries (or, with H == K, keys too: harmless, see the module docstring)
-                return self._zero(out_BTND, q_heads)
-            return out_BTND if k_heads is None else self._zero(out_BTND, k_heads)
+            # queries (with H == K keys too: harmless, see the module docstring), and keys where they are zeroed
+            return self._zero(out_BTND, K) if out_BTND.shape[-2] == H or self.keys else out_BTND
 
         return rotated
 

@@ -31,9 +31,10 @@ def read_decision(q_BTHD: jax.Array, num_kv_heads: int, dms: DMSConfig, adapter_
     return a_BTK, zero_decision_heads(q_BTHD, num_kv_heads, ch)
 
 
-def zero_decision_heads(q_BTHD: jax.Array, num_kv_heads: int, ch: int) -> jax.Array:
-    G = q_BTHD.shape[2] // num_kv_heads
-    return q_BTHD.at[:, :, ::G, ch].set(0)
+def zero_decision_heads(q_HD: jax.Array, num_kv_heads: int, ch: int) -> jax.Array:
+    """q ([..., H, Dh]: a sequence or one token per row) with channel ch of each group's first head zeroed."""
+    G = q_HD.shape[-2] // num_kv_heads
+    return q_HD.at[..., ::G, ch].set(0)
 
 
 def decisions(a_BTK: jax.Array, starts_BT: jax.Array, dms: DMSConfig, rng: Optional[jax.Array]):
