@@ -85,7 +85,7 @@ def _saved_model(tmp_path, method, section):
 
 
 @pytest.mark.parametrize("method, wrapped", [("dense", True), ("tova", True), ("h2o", True), ("dms", False),
-                                             ("dms_paged", False), ("dms_tova", False)])
+                                             ("dms_paged", False)])
 def test_resolve_wraps_only_methods_of_another_section(tmp_path, method, wrapped):
     path = _saved_model(tmp_path, "dms", _section("dms", window=4, target_cr=4.0))
     config = ml_collections.ConfigDict({"model": {"source": path}, "cache": registry.default_config()})

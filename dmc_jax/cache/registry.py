@@ -40,7 +40,6 @@ BUILTIN_MODULES = (
     "dmc_jax.cache.dmc_paged",
     "dmc_jax.cache.dms",
     "dmc_jax.cache.dms_paged",
-    "dmc_jax.cache.dms_tova",
 )
 ENTRY_POINT_GROUP = "dmc_jax.cache_methods"
 AUTO = "auto"

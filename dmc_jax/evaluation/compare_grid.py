@@ -43,13 +43,13 @@ def base_rows(methods, ratios) -> list[Row]:
 
 
 def extra_rows(label: str, method: str, ratios, trained_cr: Optional[float]) -> list[Row]:
-    """An extra model's rows: budgeted per ratio, else a trained method at its trained CR, else (dense, adaptive) once."""
+    """An extra model's rows: a trained method at its trained CR, dense or adaptive once, budgeted per ratio."""
     spec = registry.get(method)
-    if spec.budgeted and not spec.adaptive:  # a trained method with a budget too (dms_tova): one row per ratio
-        return [Row(label, method, float(r)) for r in ratios]
     if spec.trained is not None:
         return [Row(label, method, float(trained_cr))]
-    return [Row(label, method, None)]
+    if method == "dense" or spec.adaptive or not spec.budgeted:
+        return [Row(label, method, None)]
+    return [Row(label, method, float(r)) for r in ratios]
 
 
 def budget(method: str, ratio: Optional[float], context: int) -> Optional[int]:
