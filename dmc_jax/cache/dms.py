@@ -19,7 +19,9 @@ UserError unless on_overflow='evict'. `threshold` (cache.dms.threshold, 0 = the 
 boundary at serving time: a token is marked when its decision logit exceeds it, so a positive threshold keeps more
 (lower CR, better quality) and a negative one evicts more, from the same trained model. `window` (cache.dms.window,
 0 = the trained w) serves with another delay: a longer one keeps more of the recent past (dmc_jax/dms/config.served). Prefill runs DMS's hard parallel form over the prompt (the delayed-eviction
-mask) and keeps what a token-by-token pass would hold after the last prompt token, in position order.
+mask) and keeps what a token-by-token pass would hold after the last prompt token, in position order; with
+prompt='query' the prompt is attended densely and each head keeps as many tokens, chosen by the last prompt token's
+attention (prefill_kept).
 
 Shape letters: L layers, B batch, K KV heads, C slots, T prompt time, H query heads, Dh head dim.
 """
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmc_jax.cache import eviction_common as ev
 from dmc_jax.cache import registry
 from dmc_jax.cache.overflow import check_buffer, check_sizing
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
@@ -47,6 +50,7 @@ from dmc_jax.model.config import ModelConfig
 
 NEVER = np.iinfo(np.int32).max
 OVERFLOW = ("error", "evict")
+PROMPTS = ("dms", "query")  # what a prompt leaves in the cache (prefill_kept)
 
 
 def capacity_for(max_tokens: int, window: int, capacity: int, target_cr: float, margin: float) -> int:
@@ -62,7 +66,14 @@ def capacity_for(max_tokens: int, window: int, capacity: int, target_cr: float, 
 def prefill_kept(cache, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter_BTK=None):
     """DMS's hard parallel form over right-padded prompts, and what a DMS cache holds after them (both caches, padded
     and paged): (out_BTHD, marked_BKT, kept_BKT). Token j < L is kept unless marked (by token j + 1 < L) and out of
-    the window (L - 1 - j > w); cache: a DMSCache or DMSPagedCache (its dms settings and serving threshold)."""
+    the window (L - 1 - j > w); cache: a DMSCache or DMSPagedCache (its dms settings, serving threshold and `prompt`).
+
+    prompt='query' (PROMPTS): the prompt is attended densely instead (every eviction policy's prefill) and each head
+    keeps as many tokens as DMS would, its last w + 1 and, of the older ones, those the last prompt token attends to
+    most (TOVA's prefill rule: the attention averaged over the layer's query heads): the learned decisions set each
+    head's share of the memory, the query (the question at the end of a prompt) chooses which old tokens fill it.
+    Decoding is DMS's either way. (Scored per KV head instead, the old tokens a head keeps were much worse on a
+    DMS-trained SmolLM2 at 2k tokens: 5 of 48 passkeys against 37; TOVA per head finds 0 there.)"""
     B, T = q_BTHD.shape[:2]
     K = k_BTKD.shape[2]
     dms, w = cache.dms.replace(mode="hard"), cache.dms.window
@@ -70,13 +81,34 @@ def prefill_kept(cache, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter
     a_BTK, q_BTHD = cache._decision(q_BTHD, K, dms, adapter_BTK)
     alpha_BTK, _, z_BTK = decisions(a_BTK, jnp.broadcast_to(t_T == 0, (B, T)), dms, None)
     alpha_BTK = jax.lax.stop_gradient(alpha_BTK)
-    out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, jnp.broadcast_to(t_T, (B, T)), None, rope, dms)
     L_B11 = lengths_B[:, None, None]
     t_11T = t_T[None, None]
     marked_BKT = jnp.concatenate([alpha_BTK[:, 1:], jnp.zeros_like(alpha_BTK[:, :1])], 1).transpose(0, 2, 1) > 0.5
     marked_BKT &= t_11T + 1 < L_B11
-    kept_BKT = (t_11T < L_B11) & (~marked_BKT | (L_B11 - 1 - t_11T <= w))
-    return out_BTHD, marked_BKT, kept_BKT
+    window_BKT = (t_11T < L_B11) & (L_B11 - 1 - t_11T <= w)
+    kept_BKT = (t_11T < L_B11) & ~marked_BKT | window_BKT
+    if cache.prompt == "dms":
+        out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, jnp.broadcast_to(t_T, (B, T)), None, rope, dms)
+        return out_BTHD, marked_BKT, kept_BKT
+    H = q_BTHD.shape[2]
+    if dms.zeroes_q_after_rope:  # the channel zeroed again in the rotated queries, as dms_core does
+        plain_rope = rope
+        rope = lambda x, p: (zero_decision_heads(plain_rope(x, p), K, dms.channel(x.shape[-1])) if x.shape[-2] == H
+                             else plain_rope(x, p))
+    out_BTHD, q_BTHD, k_BTKD = ev.prompt_attention(q_BTHD, k_BTKD, v_BTKD, rope)
+    rows_B1, valid_B1 = ev.last_rows(lengths_B, 1)
+    score_B1T = jnp.mean(ev.group_probs(q_BTHD, k_BTKD, rows_B1, valid_B1)[:, :, 0], axis=1, keepdims=True)
+    priority_BKT = jnp.where(window_BKT, 2.0, jnp.where(t_11T < L_B11, score_B1T, -1.0))
+    rank_BKT = jnp.argsort(jnp.argsort(-priority_BKT, axis=-1, stable=True), axis=-1, stable=True)
+    count_BK = jnp.sum(kept_BKT, axis=-1)
+    return out_BTHD, marked_BKT & window_BKT, rank_BKT < count_BK[..., None]
+
+
+def check_prompt(method: str, prompt) -> None:
+    if prompt not in PROMPTS:
+        raise UserError(f"cache.{method}.prompt must be one of {', '.join(PROMPTS)} ('dms': what DMS keeps token by "
+                        f"token; 'query': each head's DMS share filled by the last prompt token's attention); "
+                        f"got {prompt!r}")
 
 
 def _write(state: dict, layer, values: dict) -> dict:
@@ -100,6 +132,7 @@ class DMSCache(RowOps):
     margin: float = 1.25
     on_overflow: str = "error"
     threshold: float = 0.0
+    prompt: str = "dms"  # PROMPTS: what a prompt leaves in the cache, DMS's own pass or chosen by the query
     name: str = "dms"
     reads_adapter = True  # llama.py passes a DMS adapter's logits (adapter_BTK; T = 1 at decode) when there is one
 
@@ -107,6 +140,7 @@ class DMSCache(RowOps):
         check_sizing("dms", "capacity", self.capacity, self.target_cr, self.margin, self.on_overflow, OVERFLOW)
         if not math.isfinite(self.threshold):
             raise UserError(f"cache.dms.threshold must be a finite number; got {self.threshold}")
+        check_prompt("dms", self.prompt)
 
     def _decision(self, q_BTHD, K: int, dms: DMSConfig, adapter_BTK=None):
         """read_decision with the serving threshold: a token is marked when its logit exceeds `threshold`."""
@@ -233,7 +267,8 @@ TRAINED = registry.TrainedMethod(
 registry.register(registry.MethodSpec(
     name="dms", trained=TRAINED, sized_by_cr=True,
     defaults={"capacity": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error", "threshold": 0.0,
-              "window": 0},
+              "window": 0, "prompt": "dms"},
     build=lambda s, hparams: DMSCache(served(from_section(hparams), s.window), capacity=s.capacity,
-                                      target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow, threshold=float(s.threshold)),
+                                      target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow, threshold=float(s.threshold),
+                                      prompt=s.prompt),
     summary="Dynamic Memory Sparsification: learned delayed eviction (Lancucki et al., NeurIPS 2025)"))

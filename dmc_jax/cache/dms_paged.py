@@ -33,7 +33,8 @@ Decode, token t, per head: the decision of t marks t - 1; the token at t - 1 - w
 eviction: at most one token leaves per step); t takes a slot (above). An exhausted pool is never silent: the head's
 token closest to leaving (else its oldest: DMSCache's rule for a full buffer) gives its slot to t, `overflow` and
 `refused` count it, and `check` raises a one-line UserError unless on_overflow='evict'. Prefill runs DMS's hard
-parallel form (dms_core) and stores what a token-by-token pass holds after the last prompt token, in position order.
+parallel form (dms_core) and stores what a token-by-token pass holds after the last prompt token, in position order
+(prompt='query': as many tokens per head, the old ones chosen by the last prompt token's attention; dms.prefill_kept).
 A prompt that finds no page is an error (`lost`), except with on_overflow='evict': then the later layers' heads are
 reserved an equal share of the pool, this layer's heads split the rest when they need more, and a head over its
 part forces out tokens by the same rule (counted in `overflow`), so a pool sized for a baseline's bytes serves any
@@ -59,7 +60,7 @@ import jax.numpy as jnp
 from dmc_jax import kernels as dispatch
 from dmc_jax.cache import registry
 from dmc_jax.cache.dmc_paged import _pop as pop_pages, _push as push_pages  # the paged DMC cache's allocator
-from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, _write, capacity_for, prefill_kept
+from dmc_jax.cache.dms import NEVER, OVERFLOW, TRAINED, _write, capacity_for, check_prompt, prefill_kept
 from dmc_jax.cache.overflow import check_pool, check_sizing
 from dmc_jax.cache.paged_attention import paged_decode_attention, paged_decode_attention_bucketed
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
@@ -113,6 +114,7 @@ class DMSPagedCache(RowOps):
     margin: float = 1.25
     on_overflow: str = "error"
     threshold: float = 0.0           # cache.dms.threshold's meaning: mark where the decision logit exceeds it
+    prompt: str = "dms"              # cache.dms.prompt's meaning (dms.prefill_kept): 'dms' | 'query'
     attend_growth: float = 2 ** 0.5  # XLA attention: ratio of the gathered table widths (paged_attention.py); 0 = all
     kernels: str = "auto"            # 'auto': the Pallas kernel on GPU, XLA elsewhere; 'pallas' | 'xla'
     name: str = "dms_paged"
@@ -129,6 +131,7 @@ class DMSPagedCache(RowOps):
                             f"got {self.kernels!r}")
         if not math.isfinite(self.threshold):
             raise UserError(f"cache.dms_paged.threshold must be a finite number; got {self.threshold}")
+        check_prompt("dms_paged", self.prompt)
 
     reads_adapter = True  # llama.py passes a DMS adapter's logits (adapter_BTK; T = 1 at decode) when there is one
     scan_layers = True    # its unrolled decode compiles 10x longer than scanned (protocol.py)
@@ -327,9 +330,9 @@ class DMSPagedCache(RowOps):
 registry.register(registry.MethodSpec(
     name="dms_paged", trained=TRAINED, sized_by_cr=True,
     defaults={"page_size": 16, "pages": 0, "target_cr": 0.0, "margin": 1.25, "on_overflow": "error",
-              "threshold": 0.0, "window": 0, "attend_growth": 1.4142, "kernels": "auto"},
+              "threshold": 0.0, "window": 0, "attend_growth": 1.4142, "kernels": "auto", "prompt": "dms"},
     build=lambda s, hparams: DMSPagedCache(served(from_section(hparams), s.window), page_size=s.page_size,
                                            pages=s.pages, target_cr=s.target_cr, margin=s.margin, on_overflow=s.on_overflow,
-                                           threshold=float(s.threshold), attend_growth=s.attend_growth,
+                                           threshold=float(s.threshold), prompt=s.prompt, attend_growth=s.attend_growth,
                                            kernels=s.kernels),
     summary="DMS over a shared pool of pages: each head holds what it keeps (serving)"))
