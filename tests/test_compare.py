@@ -161,9 +161,16 @@ def test_a_rerun_reuses_the_rows_measured_with_the_same_settings_and_measures_on
     # Another method's cache fields do not matter to these rows; the row's own method's fields do.
     assert main(common + ["--config.compare.methods=('dense','tova')", "--config.cache.h2o.recent_ratio=0.25"]) == 0
     assert capsys.readouterr().out.count("reused") == 2
+    # The corm row this grid does not name is kept (rows.json, the table and results.json), not dropped.
+    kept = json.loads((out / "rows.json").read_text())["rows"]
+    assert [r["key"] for r in kept] == ["base|dense|1", "base|tova|4", "base|corm|-"] and kept[2] == second[2]
+    assert "corm" in (out / "compare.md").read_text()
     assert main(common + ["--config.compare.methods=('dense','tova')", "--config.cache.tova.per_head=True"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("reused") == 1 and "base tova CR 4.0" in printed
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["key"] for r in results["rows"]] == ["base|dense|1", "base|tova|4"]  # this grid's rows
+    assert results["rows"][1]["cache_section"]["per_head"] and results["kept_rows"] == [second[2]]  # corm kept
     # Other settings (a different context): nothing is reused.
     other = [a.replace("context=64", "context=48") for a in common]
     assert other != common and main(other + ["--config.compare.methods=('dense',)"]) == 0

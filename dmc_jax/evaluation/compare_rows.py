@@ -1,5 +1,6 @@
 """Compare's rows on disk: each row keyed 'model|method|CR', rows.json rewritten after every row, and a rerun with
-the same settings reusing the rows already measured (compare.resume).
+the same settings reusing the rows already measured (compare.resume) and keeping the earlier rows its grid does not
+name (a second run with other extra models adds to the directory's rows).
 
 A row depends on the run-wide settings (measure_settings) and on its own method's cache section: each row records
 that section (`cache_section`), so adding a method to the registry, or changing another method's fields, does not
@@ -90,17 +91,28 @@ class Rows(list):
         self.out_dir, self.mc_tasks, self.settings, self.previous = out_dir, mc_tasks, settings, previous or {}
         self.cache_section = cache_section  # method -> its cache section as JSON (what a row of it depends on)
 
-    def write(self) -> dict:
+    def kept(self) -> list:
+        """Rows of the earlier run (same settings) that this grid has neither reused nor measured again: kept, so a run
+        with other methods or extra models in the same directory adds its rows to the earlier ones instead of
+        dropping them (a row of the same key is replaced)."""
+        have = {r.get("key") for r in self}
+        return [r for key, r in self.previous.items() if key not in have]
 
-        dense_bytes = self[0].get("bytes_per_seq") if self else None
-        for r in self:
+    def all(self) -> list:
+        """This grid's rows, then the kept ones: what rows.json and the tables hold."""
+        return list(self) + self.kept()
+
+    def write(self) -> dict:
+        rows = self.all()
+        dense_bytes = rows[0].get("bytes_per_seq") if rows else None
+        for r in rows:
             if r.get("bytes_per_seq") and dense_bytes:
                 r["bytes_cr"] = dense_bytes / r["bytes_per_seq"]
         path = os.path.join(self.out_dir, ROWS_FILE)
         with open(path + ".tmp", "w") as f:
-            json.dump({"settings": self.settings, "rows": plain(list(self))}, f, indent=1)
+            json.dump({"settings": self.settings, "rows": plain(rows)}, f, indent=1)
         os.replace(path + ".tmp", path)
-        return compare_report.write_all(self.out_dir, list(self), self.mc_tasks)
+        return compare_report.write_all(self.out_dir, rows, self.mc_tasks)
 
     def reuse(self, key: tuple, fingerprint: Optional[str] = None) -> bool:
         """Appends the earlier run's row for key, if there is one (of the same model: `fingerprint`)."""

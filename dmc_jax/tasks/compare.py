@@ -13,7 +13,8 @@ GQA model 'gqa|runs/g/uptrained|dense' (task train with train.export_dir). For e
 Writes compare.md (every row, then a method x CR summary and the winner at each CR), ppl_vs_cr.png, passkey.png
 and rows.json (after every row) in the run directory; results.json holds every row at the end. Running again with
 the same output_dir reuses the rows measured with the same settings (compare.resume): an interrupted grid goes
-on where it stopped, and a grid can grow by methods, ratios or models.
+on where it stopped, and a grid can grow by methods, ratios or models (rows of the earlier run that the new grid
+does not name are kept in rows.json and the tables; results.json: kept_rows).
 
 Cost (SmolLM2-135M, fp32, 2-core CPU): compilation dominates. Each row compiles one decode scan per shape
 (perplexity, each passkey length, multiple choice), 30-90 s each, and decodes at ~50 tokens/s at batch 4
@@ -157,7 +158,7 @@ def run(config: ml_collections.ConfigDict, model) -> dict:
         _extra_model_rows(config, spec, model.cfg, tok, data, rows)
     out = rows.write()
     print(open(out["table"]).read())
-    return {"rows": list(rows), **out}
+    return {"rows": list(rows), "kept_rows": rows.kept(), **out}  # kept_rows: the earlier run's, not in this grid
 
 
 def _cache_section(config, method: str) -> dict:
