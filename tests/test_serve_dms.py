@@ -1,7 +1,7 @@
 """Task serve with a DMS model (learned delayed eviction, cache.method=dms_paged; `auto` from a model directory whose
 kv_method.json says dms): greedy text equals task generate's alone and among concurrent requests, the pool's pages
 are counted in /metrics and come back, rows are sized for the model's CR, and a pool too small for the load queues
-and preempts while every request completes. The model: the tiny random model saved with a DMS section whose
+and preempts while every request completes; the query prompt rule serves as task generate does. The model: the tiny random model saved with a DMS section whose
 decisions read the sign of a random query channel (scale 1, offset 0: about half the tokens marked), window 4."""
 
 import concurrent.futures
@@ -130,6 +130,22 @@ def test_auto_serves_a_dms_model_directory_with_the_paged_dms_cache(dms, dms_dir
     # than the dense cache (6 rather than 4 at 0.5 MiB)
     dense = size(registry.build("dense", config.cache, None), server.model.cfg, 0.5, 256)
     assert size(method, server.model.cfg, 0.5, 256).rows > dense.rows == 4
+
+
+def test_the_query_prompt_rule_serves_as_task_generate_does_alone_and_among_concurrent_requests(dms_dir):
+    server = Server(_dms_config(dms_dir, "--config.cache.method=dms_paged", "--config.cache.dms_paged.prompt=query",
+                                *SERVE))
+    try:
+        assert server.engine.method.prompt == "query"
+        prompts = [f"Question {i}: what was said first? " + "xyz" * (3 * i) for i in range(3)]
+        alone = [_complete(server, p, max_tokens=12).choices[0].text for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda p: _complete(server, p, max_tokens=12).choices[0].text, prompts))
+        assert together == alone
+        assert [_generate(server, p, 12)[0] for p in prompts] == alone
+        assert server.metrics()["pages_free"] == server.info["pages"]
+    finally:
+        server.close()
 
 
 def test_a_dms_pool_too_small_for_the_load_queues_and_preempts_and_every_request_completes(dms):
