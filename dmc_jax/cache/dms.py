@@ -86,7 +86,7 @@ def prefill_kept(cache, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter
     marked_BKT = jnp.concatenate([alpha_BTK[:, 1:], jnp.zeros_like(alpha_BTK[:, :1])], 1).transpose(0, 2, 1) > 0.5
     marked_BKT &= t_11T + 1 < L_B11
     window_BKT = (t_11T < L_B11) & (L_B11 - 1 - t_11T <= w)
-    kept_BKT = (t_11T < L_B11) & ~marked_BKT | window_BKT
+    kept_BKT = ((t_11T < L_B11) & ~marked_BKT) | window_BKT
     if cache.prompt == "dms":
         out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, jnp.broadcast_to(t_T, (B, T)), None, rope, dms)
         return out_BTHD, marked_BKT, kept_BKT
