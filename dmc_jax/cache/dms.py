@@ -40,7 +40,7 @@ from dmc_jax.cache import eviction_common as ev
 from dmc_jax.cache import registry
 from dmc_jax.cache.overflow import check_buffer, check_sizing
 from dmc_jax.cache.protocol import RopeFn, RowOps, StateLayout, state_bytes
-from dmc_jax.cache.zeroed_channel import ZeroedChannel
+from dmc_jax.cache.zeroed_channel import ZeroedChannel, rope_zeroing_queries
 from dmc_jax.dms.attention import dms_core
 from dmc_jax.dms.config import DMSConfig, default_section, from_section, served, validate_section
 from dmc_jax.dms.decisions import decisions, read_decision, zero_decision_heads
@@ -90,11 +90,9 @@ def prefill_kept(cache, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope: RopeFn, adapter
     if cache.prompt == "dms":
         out_BTHD = dms_core(q_BTHD, k_BTKD, v_BTKD, alpha_BTK, z_BTK, jnp.broadcast_to(t_T, (B, T)), None, rope, dms)
         return out_BTHD, marked_BKT, kept_BKT
-    H = q_BTHD.shape[2]
     if dms.zeroes_q_after_rope:  # the channel zeroed again in the rotated queries, as dms_core does
-        plain_rope = rope
-        rope = lambda x, p: (zero_decision_heads(plain_rope(x, p), K, dms.channel(x.shape[-1])) if x.shape[-2] == H
-                             else plain_rope(x, p))
+        rope = rope_zeroing_queries(rope, q_BTHD.shape[2],
+                                    lambda x_BTHD: zero_decision_heads(x_BTHD, K, dms.channel(x_BTHD.shape[-1])))
     out_BTHD, q_BTHD, k_BTKD = ev.prompt_attention(q_BTHD, k_BTKD, v_BTKD, rope)
     rows_B1, valid_B1 = ev.last_rows(lengths_B, 1)
     score_B1T = jnp.mean(ev.group_probs(q_BTHD, k_BTKD, rows_B1, valid_B1)[:, :, 0], axis=1, keepdims=True)

@@ -20,12 +20,24 @@ Shape letters: B batch, T time, N heads (H query or K KV), H query heads, K KV h
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 
 from dmc_jax.cache.protocol import RopeFn
 from dmc_jax.dmc.decisions import zero_channel
 from dmc_jax.dms.decisions import zero_decision_heads
+
+
+def rope_zeroing_queries(rope: RopeFn, num_heads: int, zero: Callable[[jax.Array], jax.Array]) -> RopeFn:
+    """RoPE, then `zero` on what it rotates with num_heads (H) heads: the queries, as the model hands methods q and k
+    to one rope function (with H == K the keys too, which no query reads in that channel: harmless)."""
+
+    def rotated(x_BTND, positions_BT):
+        out_BTND = rope(x_BTND, positions_BT)
+        return zero(out_BTND) if out_BTND.shape[-2] == num_heads else out_BTND
+
+    return rotated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +72,9 @@ class ZeroedChannel:
     def _rope(self, rope: RopeFn, H: int, K: int) -> RopeFn:
         if not self.after_rope:
             return rope
-
-        def rotated(x_BTND, positions_BT):
-            out_BTND = rope(x_BTND, positions_BT)
-            # queries (with H == K keys too: harmless, see the module docstring), and keys where they are zeroed
-            return self._zero(out_BTND, K) if out_BTND.shape[-2] == H or self.keys else out_BTND
-
-        return rotated
+        if self.keys:  # queries and keys alike
+            return lambda x_BTND, positions_BT: self._zero(rope(x_BTND, positions_BT), K)
+        return rope_zeroing_queries(rope, H, lambda x_BTHD: self._zero(x_BTHD, K))
 
     def prefill(self, state, layer, q_BTHD, k_BTKD, v_BTKD, lengths_B, rope, **extra):
         q_BTHD, k_BTKD = self._inputs(q_BTHD, k_BTKD)
