@@ -19,6 +19,7 @@ from dmc_jax.cache.corm import CORMCache
 from dmc_jax.cache.dense import DenseCache
 from dmc_jax.cache.h2o import H2OCache
 from dmc_jax.cache.protocol import state_bytes
+from dmc_jax.cache import eviction_common as ev
 from dmc_jax.cache import registry
 from dmc_jax.cache.registry import make_method
 from dmc_jax.cache.snapkv import SnapKVCache
@@ -274,6 +275,23 @@ def test_policy_matches_numpy_reference(policy, lengths, seed, sharpness):
         assert g_sets == w_sets, f"step {step}: got {g_sets}, want {w_sets}"
     stats = policy.stats(state, lengths_B + N)
     np.testing.assert_array_equal(stats["kept_LBK"][LAYER], [[len(s) for s in row] for row in want[-1]])
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 12, 256])
+def test_column_sums_in_chunks_equal_the_whole_matrix(chunk):
+    """H2O's accumulated prompt attention, chunk by chunk (chunks that do not divide T included) == float64."""
+    keys = jax.random.split(jax.random.PRNGKey(chunk), 2)
+    q_BTHD = 2.0 * jax.random.normal(keys[0], (B, T, H, DH))
+    k_BTKD = jax.random.normal(keys[1], (B, T, K, DH))
+    lengths = [T, 7, 1]
+    got_BKT = np.asarray(ev.column_sums(q_BTHD, k_BTKD, jnp.asarray(lengths, jnp.int32), chunk=chunk))
+    q, k = np.asarray(q_BTHD, np.float64), np.asarray(k_BTKD, np.float64)
+    want_BKT = np.zeros((B, K, T))
+    for b, n0 in enumerate(lengths):
+        for i in range(n0):
+            for kv in range(K):
+                want_BKT[b, kv, :i + 1] += _head_probs(q[b, i, kv * G:(kv + 1) * G], k[b, :i + 1, kv]).mean(0)
+    np.testing.assert_allclose(got_BKT, want_BKT, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- with the model

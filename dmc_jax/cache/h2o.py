@@ -50,8 +50,7 @@ class H2OCache(RowOps):
         out_BTHD, q_BTHD, k_BTKD = ev.prompt_attention(q_BTHD, k_BTKD, v_BTKD, rope)
         B, T = q_BTHD.shape[:2]
         rows_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        probs_BKTT = ev.group_probs(q_BTHD, k_BTKD, rows_BT, rows_BT < lengths_B[:, None])
-        score_BKT = jnp.sum(probs_BKTT, axis=2)  # column sums over the real queries
+        score_BKT = ev.column_sums(q_BTHD, k_BTKD, lengths_B)  # column sums over the real queries
         recent_BT = rows_BT >= lengths_B[:, None] - self.recent
         priority_BKT = jnp.where(recent_BT[:, None], ev.INF, score_BKT)
         kept = ev.keep_top(priority_BKT, lengths_B, state["k"].shape[3], k_BTKD, v_BTKD, {"score": score_BKT})
