@@ -15,21 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def sign_test(a: list, b: list) -> dict:
-    """Prompts only a / only b got right, and the exact two-sided binomial p-value of that split."""
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    n = only_a + only_b
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n) if n else 1.0
-    return {"only_this": only_a, "only_baseline": only_b, "p_two_sided": p}
 
 
 def main(argv=None) -> int:
@@ -56,7 +46,7 @@ def main(argv=None) -> int:
         return 2
     depths = tuple(float(d) for d in a.depths.split(","))
 
-    from dmc_jax.evaluation.passkey import draw_keys, is_correct
+    from dmc_jax.evaluation.passkey import draw_keys, is_correct, sign_test
     from dmc_jax.tasks.compare import passkey_filler
     from dmc_jax.weights.load import load_model
 

@@ -6,6 +6,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dmc_jax.cache.dense import DenseCache
 from dmc_jax.cache.streaming_llm import StreamingLLMCache
@@ -247,6 +248,15 @@ def test_draw_keys_gives_the_prompts_run_passkey_asked_and_rechecks_its_hits(mon
     assert [sum(passkey.is_correct(a, k) for a, k in zip(answers[i:i + 2], keys[i:i + 2])) for i in range(0, 8, 2)] \
         == [c.correct for c in cells]
     assert passkey.is_correct(" 12345.", 12345) and not passkey.is_correct("1234", 12345)
+    # row_hits (benchmarks/claim_table.py --paired) rebuilds the same per-prompt hits from a stored row
+    stored = [{"length": c.length, "depth": c.depth, "accuracy": c.accuracy, "answers": c.answers} for c in cells]
+    hits = passkey.row_hits(stored, len(filler), seed=5)
+    assert hits == [passkey.is_correct(a, k) for a, k in zip(answers, keys)]
+    stored[0]["answers"] = [" %d" % keys[0], " %d" % keys[1]]  # the row now claims hits its accuracy does not say
+    assert cells[0].correct < 2  # (random weights: it found at most one of the two)
+    with pytest.raises(ValueError, match="do not match seed 5"):
+        passkey.row_hits(stored, len(filler), seed=5)
+    assert passkey.sign_test([1, 1, 1, 0], [0, 0, 0, 0]) == {"only_this": 3, "only_baseline": 0, "p_two_sided": 0.25}
 
 
 def test_a_target_cr_the_user_sets_sizes_a_trained_models_cache_in_compare():

@@ -9,6 +9,7 @@ with the digits of the key (after whitespace). Each (length, depth) cell runs `t
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -64,6 +65,34 @@ def draw_keys(filler_len: int, lengths: Sequence[int], depths: Sequence[float], 
                 offset = int(rng.integers(0, max(filler_len - length, 1)))
                 drawn[length].append((float(depth), key, offset))
     return drawn
+
+
+def row_hits(cells: Sequence[dict], filler_len: int, seed: int) -> list:
+    """Per prompt, in draw order, whether a stored passkey row got it right: `cells` as task compare writes them
+    ({length, depth, accuracy, answers} per (length, depth), the same trials each), checked against the keys `seed`
+    drew. ValueError when the answers do not give the row's own accuracies (a wrong seed or filler)."""
+    lengths = list(dict.fromkeys(c["length"] for c in cells))
+    depths = list(dict.fromkeys(c["depth"] for c in cells))
+    trials = len(cells[0]["answers"])
+    drawn = draw_keys(filler_len, lengths, depths, trials, seed)
+    hits = []
+    for length in lengths:
+        answers = [a for c in cells if c["length"] == length for a in c["answers"]]
+        got = [is_correct(a, key) for a, (_, key, _) in zip(answers, drawn[length])]
+        if len(answers) != len(drawn[length]) or \
+                sum(got) != round(sum(c["accuracy"] * len(c["answers"]) for c in cells if c["length"] == length)):
+            raise ValueError(f"the answers at length {length} do not match seed {seed}'s prompts")
+        hits += got
+    return hits
+
+
+def sign_test(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Prompts only a / only b got right, and the exact two-sided binomial p-value of that split."""
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n) if n else 1.0
+    return {"only_this": only_a, "only_baseline": only_b, "p_two_sided": p}
 
 
 def run_passkey(params, cfg, tokenizer, filler_ids: np.ndarray, make_method: Callable[[int], object],
