@@ -82,5 +82,6 @@ def get_config():
     # by the last prompt token's attention (docs/methods/dms.md, "Prompt rule"; at 2k CR 8: 168 of 192 passkeys
     # against 70 with DMS's own rule, README "Nineteenth session").
     c.cache.dms_paged.prompt = "query"
+    c.cache.dms.prompt = "query"  # recorded in the model's kv_method.json (the 'dms' section), so serving it says so
     c.cache.dms_paged.on_overflow = "evict"
     return c

@@ -30,6 +30,7 @@ def run(argv: Sequence[str]) -> str:
     """Runs the task the command line asks for; returns the path of its results.json."""
     import importlib
 
+    from dmc_jax.cache import model_method
     from dmc_jax.tasks import common
 
     config = parse_argv(argv)
@@ -52,6 +53,9 @@ def run(argv: Sequence[str]) -> str:
         model = common.load_model(config, *layout)
         print(f"model: {model.source} ({model.cfg.num_params() / 1e6:.1f}M parameters, "
               f"{model.cfg.num_layers} layers, {model.cfg.param_dtype})")
+        note = model_method.serving_note(config) if "cache" in config else None
+        if note:
+            print(note)
         results = task.run(config, model)
     else:
         results = task.run(config)

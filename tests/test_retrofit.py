@@ -100,7 +100,19 @@ def test_the_main_job_retrofits_dms_and_measures_it_next_to_h2o_and_tova_at_its_
     cal = results["dms"]["calibration"]
     assert cal["rows"] >= 1 and cal["tokens"] == 64
     assert cal["kept_per_head"] <= cal["target_kept"] < cal["slots_per_head"]
-    assert json.load(open(out / "dms" / "model" / "kv_method.json"))["cache"]["threshold"] == cal["threshold"]
+    recorded = json.load(open(out / "dms" / "model" / "kv_method.json"))["cache"]
+    assert recorded["threshold"] == cal["threshold"] != 0.0 and recorded["prompt"] == "query"
+    # the directory served with other settings says so (main prints it after loading the model), with the flags
+    # that serve it as recorded; served as recorded, nothing to say
+    from dmc_jax.cache import model_method
+    from dmc_jax.config_loader import parse_argv
+
+    serve = ["--config", os.path.join(ROOT, "configs", "smollm2.py"), f"--config.model.source={out / 'dms' / 'model'}"]
+    note = model_method.serving_note(parse_argv(serve))
+    assert note.startswith("note: ") and "kv_method.json records threshold" in note and "prompt query" in note
+    flags = note.split("to serve as recorded pass ")[1].split()
+    assert model_method.serving_note(parse_argv(serve + flags)) is None
+    assert model_method.serving_note(parse_argv(serve + ["--config.cache.method=tova"])) is None
     side = results["side_by_side"]
     trained = next(r for r in side["rows"] if r["method"] == "dms_paged")
     dense = next(r for r in side["rows"] if r["method"] == "dense")

@@ -38,6 +38,7 @@ class SavedMethod:
     method: str
     hparams: Optional[ml_collections.ConfigDict]
     path: str
+    cache: Optional[dict] = None  # the method's cache section when the model was written (kv_method.json "cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,8 @@ def read(source) -> Optional[SavedMethod]:
         hparams = None
         if spec.trained is not None:
             hparams = checked_hparams(body.get("hparams", {}), spec.trained.section, path)
-        return SavedMethod(method, hparams, path)
+        cache = body.get("cache")
+        return SavedMethod(method, hparams, path, cache if isinstance(cache, dict) else None)
     legacy = os.path.join(folder, LEGACY_DMC_FILE)
     if os.path.isfile(legacy):
         return SavedMethod("dmc_paged", checked_hparams(read_json(legacy, "the model's method file"), "dmc", legacy),
@@ -158,6 +160,34 @@ def _other_cache_wrap(saved: Optional[SavedMethod], spec) -> Optional[Callable]:
     if own.other_cache is None or spec.trained is not None:
         return None
     return own.other_cache(saved.hparams)
+
+
+# Serving fields a model directory records for a trained method that the run may not be using (serving_note).
+RECORDED = {"threshold": 0.0, "prompt": "dms"}
+
+
+def serving_note(config: ml_collections.ConfigDict) -> Optional[str]:
+    """One line when model.source is a directory that records serving settings (kv_method.json "cache": e.g. the
+    threshold its retrofit calibrated, the prompt rule) other than its defaults and the run serves it, with the same
+    trained method, with different ones; None otherwise. The settings stay the run's: this only says so, and how to
+    serve as recorded."""
+    saved = read(config.model.source) if "model" in config else None
+    if saved is None or not saved.cache or saved.hparams is None:
+        return None
+    resolved = resolve(config)
+    spec = registry.get(resolved.name)
+    if spec.trained is None or spec.trained is not registry.get(saved.method).trained:
+        return None
+    section = registry.method_section(resolved.cache, resolved.name)
+    differ = [(k, saved.cache[k], section[k]) for k, default in RECORDED.items()
+              if k in saved.cache and k in section and saved.cache[k] != default and saved.cache[k] != section[k]]
+    if not differ:
+        return None
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    return (f"note: {saved.path} records " + ", ".join(f"{k} {show(a)}" for k, a, _ in differ) +
+            f" (what its run measured with); this run serves it with " +
+            ", ".join(f"cache.{resolved.name}.{k}={show(b)}" for k, _, b in differ) + "; to serve as recorded pass " +
+            " ".join(f"--config.cache.{resolved.name}.{k}={show(a)}" for k, a, _ in differ))
 
 
 def make(config: ml_collections.ConfigDict):

@@ -53,7 +53,9 @@ def markdown_table(results: dict) -> str:
         lines += ["", f"Serving threshold {cal['threshold']:+.3f} (a token is evicted when its decision logit "
                       f"exceeds it; training used 0), chosen on {cal['rows']} rows of {cal['tokens']} training tokens "
                       f"so that the model keeps {cal['kept_per_head']:.1f} tokens per head and fills the serving "
-                      f"pool's {cal['slots_per_head']:.1f} slots; the held-out row above uses 0."]
+                      f"pool's {cal['slots_per_head']:.1f} slots; the held-out row above uses 0. The model "
+                      f"directory records it (kv_method.json): a run that serves the directory with another threshold "
+                      f"prints a note with the flag that serves it as measured."]
     gen = results.get(run, {}).get("generation")
     if gen:
         lines += ["", f"{gen.get('cache', results.get('method', 'dmc'))} cache during generation: {gen['tokens_seen']} tokens in {gen['slots_kept_mean']:.1f} "
