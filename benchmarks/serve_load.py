@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/serve_load.py [--source tiny] [--requests 32] [--prompt-chars 2048]
         [--max-tokens 256] [--gen-tokens 128] [--dense-rows 4] [--cr 4] [--methods dense,dmc_forced,h2o]
-        [--extra 'label|model dir|cache method' ...] [--time-limit 300] [--json runs/serve_load.json]
+        [--extra 'label|model dir|cache method' ...] [--set cache.dms_paged.threshold=0.35 ...]
+        [--time-limit 300] [--json runs/serve_load.json]
 
 For each method the script starts `python -m dmc_jax.main --config configs/smollm2.py --config.task=serve` on
 127.0.0.1 (a free port) with serve.cache_mb = the bytes a dense cache needs for --dense-rows sequences of
@@ -200,6 +201,7 @@ def run_method(server: Server, args, cache_mib: float, prompts: list) -> dict:
                  f"--config.serve.port={port}", f"--config.serve.cache_mb={cache_mib}",
                  f"--config.serve.max_tokens={args.max_tokens}", "--config.serve.model_name=bench",
                  f"--config.output_dir={args.run_dir}/{name}"]
+    overrides += [f"--config.{kv}" for kv in args.set]
     if method != "auto":
         overrides.append(f"--config.cache.method={method}")
     if method == "dmc_forced":
@@ -260,6 +262,9 @@ def main() -> int:
     p.add_argument("--extra", action="append", default=[], metavar="'LABEL|DIR|METHOD'",
                    help="also serve model directory DIR with cache method METHOD (auto: its own) at the same cache "
                         "budget, reported as LABEL (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every server, --config.KEY=VALUE (repeatable), e.g. a DMS model's "
+                        "cache.dms_paged.threshold=0.3467 (a method's own section only reaches that method)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt-chars", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=2560, help="serve.max_tokens: tokens per sequence")
@@ -275,6 +280,11 @@ def main() -> int:
     except ValueError as e:
         print(f"serve_load.py: error: {e}", file=sys.stderr)
         return 2
+    bad = [kv for kv in args.set if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        print(f"serve_load.py: error: --set takes KEY=VALUE (a config key without --config.); got {bad[0]!r}",
+              file=sys.stderr)
+        return 2
     labels = [s.label for s in servers]
     if not servers or len(set(labels)) != len(labels):
         print(f"serve_load.py: error: the servers' labels must be distinct and at least one; got {labels}",
@@ -287,7 +297,7 @@ def main() -> int:
     rows = [run_method(server, args, cache_mib, prompts) for server in servers]
     out = {"source": args.source, "cache_mib": cache_mib, "dense_rows": args.dense_rows, "max_tokens": args.max_tokens,
            "requests": args.requests, "prompt_chars": args.prompt_chars, "gen_tokens": args.gen_tokens, "cr": args.cr,
-           "device": _device(), "methods": rows}
+           "device": _device(), "overrides": args.set, "methods": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
