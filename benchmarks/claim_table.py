@@ -12,8 +12,8 @@ The spec is a JSON list of cells:
 configuration differently); the training-free rows are the base model's rows of each method at `ratio` (compare
 sizes their budgets to those bytes). Perplexity: the first ppl file that has the row. Passkey: "SEED:ROWS_JSON", one
 or more files per prompt set (compare's --config.seed); a row counts once per prompt set (the first file of that
-seed that has it), and prompts found are summed over the sets; a method measured on fewer sets than the learned
-row is compared by its rate on the sets it has (the prompts column shows how many). Nothing is measured here:
+seed that has it), and prompts found are summed over the sets; the learned row beats a method on passkey when it
+finds more on the prompt sets both have (the prompts column shows how many each has). Nothing is measured here:
 every number comes from a rows.json. --paired also checks passkey prompt by prompt: each row's answers against the
 keys its seed drew (evaluation/passkey.row_hits), and the exact sign test of the learned row against each method on
 the prompt sets both have.
@@ -98,15 +98,19 @@ def measure_cell(cell: dict, filler_len: int = 0) -> dict:
         if sets:
             e.update(passkey_found=found, passkey_prompts=total, passkey_seeds=sorted(seeds))
         out.append(e)
-    learned = out[-1]
+    mine = out[-1]
     verdict = {}
     for e in out[1:-1]:
-        ppl = "ppl" in e and "ppl" in learned and learned["ppl"] < e["ppl"]
+        ppl = "ppl" in e and "ppl" in mine and mine["ppl"] < e["ppl"]
         pk = None
-        if "passkey_found" in e and "passkey_found" in learned:
-            # compared on the prompt sets both have: the learned row's rate against the method's
-            pk = learned["passkey_found"] / learned["passkey_prompts"] > e["passkey_found"] / e["passkey_prompts"]
+        common = sorted(set(cells_by_seed[e["name"]]) & set(cells_by_seed["learned"]))
+        if common:  # on the prompt sets both rows have
+            f_l, n_l = map(sum, zip(*(_found({"passkey": cells_by_seed["learned"][sd]}) for sd in common)))
+            f_m, n_m = map(sum, zip(*(_found({"passkey": cells_by_seed[e["name"]][sd]}) for sd in common)))
+            pk = f_l / n_l > f_m / n_m
         verdict[e["name"]] = {"ppl": ppl if "ppl" in e else None, "passkey": pk}
+        if "mb" in e and "mb" in mine and e["mb"]:
+            verdict[e["name"]]["bytes_ratio"] = mine["mb"] / e["mb"]  # the learned row's bytes / the method's
     if filler_len:  # prompt by prompt on the prompt sets both rows have: the sign test of learned against each
         from dmc_jax.evaluation.passkey import row_hits, sign_test
 
@@ -146,8 +150,10 @@ def markdown(cells: list) -> str:
                 ppl, pk = f"**{ppl}**", f"**{pk}**"
             lines.append(f"| {c['cell']} | {label} | {ppl} | {cr} | {mb} | {pk} | {verdict} |")
         gap = f" (not measured: {', '.join(c['not_measured'])})" if c["not_measured"] else ""
+        ratios = [v["bytes_ratio"] for v in c["beats"].values() if "bytes_ratio" in v]
+        span = f"; its bytes / theirs {min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
         lines.append(f"| {c['cell']} | *beats every training-free method on both* | | | | | "
-                     f"**{'yes' if c['beats_every_method'] else 'no'}**{gap} |")
+                     f"**{'yes' if c['beats_every_method'] else 'no'}**{gap}{span} |")
     return "\n".join(lines) + "\n"
 
 

@@ -71,7 +71,12 @@ def test_a_cell_is_won_only_when_both_measures_beat_every_method(tmp_path):
     # worse perplexity than H2O: not won, though passkey is
     res = _run(_spec(tmp_path, 12.5, [3, 3]), "--json", str(out))
     cell = json.loads(out.read_text())[0]
-    assert cell["beats"]["h2o"] == {"ppl": False, "passkey": True} and cell["beats_every_method"] is False
+    assert {k: cell["beats"]["h2o"][k] for k in ("ppl", "passkey")} == {"ppl": False, "passkey": True}
+    assert cell["beats"]["h2o"]["bytes_ratio"] == 2e6 / 2 ** 21 and cell["beats_every_method"] is False
+    # passkey is compared on the prompt sets both rows have: 4 of 8 overall, but 0 of set 0's 4 (SnapKV's only set)
+    _run(_spec(tmp_path, 11.5, [0, 4]), "--json", str(out))
+    cell = json.loads(out.read_text())[0]
+    assert cell["beats"]["snapkv"]["passkey"] is False and cell["beats"]["tova"]["passkey"] is True  # 4 of 8 > 3
     # a passkey tie with TOVA (3 of 8) is not a win
     res = _run(_spec(tmp_path, 11.5, [2, 1]), "--json", str(out))
     cell = json.loads(out.read_text())[0]

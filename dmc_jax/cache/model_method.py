@@ -183,11 +183,11 @@ def serving_note(config: ml_collections.ConfigDict) -> Optional[str]:
               if k in saved.cache and k in section and saved.cache[k] != default and saved.cache[k] != section[k]]
     if not differ:
         return None
-    show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    return (f"note: {saved.path} records " + ", ".join(f"{k} {show(a)}" for k, a, _ in differ) +
-            f" (what its run measured with); this run serves it with " +
-            ", ".join(f"cache.{resolved.name}.{k}={show(b)}" for k, _, b in differ) + "; to serve as recorded pass " +
-            " ".join(f"--config.cache.{resolved.name}.{k}={show(a)}" for k, a, _ in differ))
+    # values as Python prints them (a float round-trips): the flags set exactly the recorded values
+    return (f"note: {saved.path} records " + ", ".join(f"{k} {a}" for k, a, _ in differ) +
+            " (what its run measured with); this run serves it with " +
+            ", ".join(f"cache.{resolved.name}.{k}={b}" for k, _, b in differ) + "; to serve as recorded pass " +
+            " ".join(f"--config.cache.{resolved.name}.{k}={a}" for k, a, _ in differ))
 
 
 def make(config: ml_collections.ConfigDict):
