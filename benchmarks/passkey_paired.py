@@ -46,14 +46,13 @@ def main(argv=None) -> int:
         return 2
     depths = tuple(float(d) for d in a.depths.split(","))
 
-    from dmc_jax.evaluation.passkey import draw_keys, is_correct, sign_test
+    from dmc_jax.evaluation.passkey import row_hits, sign_test
     from dmc_jax.tasks.compare import passkey_filler
     from dmc_jax.weights.load import load_model
 
     filler_len = len(passkey_filler(load_model(a.model).tokenizer))
     hits, depth_of, per_seed = {}, {}, {}
     for name, seed, path, model, method in specs:
-        drawn = draw_keys(filler_len, (a.length,), depths, a.trials, seed)[a.length]
         try:
             rows = json.loads(pathlib.Path(path).read_text())["rows"]
         except (OSError, ValueError, KeyError) as e:
@@ -64,14 +63,22 @@ def main(argv=None) -> int:
             print(f"error: {path} has {len(found)} passkey rows of a model containing {model!r} with method "
                   f"{method!r}; make MODEL_SUBSTRING pick exactly one", file=sys.stderr)
             return 2
-        answers = [x for cell in found[0]["passkey"] if cell["length"] == a.length for x in cell["answers"]]
-        got = [is_correct(ans, key) for ans, (_, key, _) in zip(answers, drawn)]
-        if len(answers) != len(drawn) or sum(got) != round(found[0]["passkey_acc"] * len(drawn)):
-            print(f"error: the answers of {path} ({model}, {method}) do not match seed {seed}'s {len(drawn)} prompts; "
-                  f"check SEED, --length, --depths and --trials", file=sys.stderr)
+        cells = found[0]["passkey"]
+        # row_hits' order: lengths as the row lists them, then each length's cells and answers
+        order = [(c["length"], c["depth"]) for n in dict.fromkeys(c["length"] for c in cells)
+                 for c in cells if c["length"] == n for _ in c["answers"]]
+        try:
+            every = row_hits(cells, filler_len, seed)
+        except ValueError:
+            every = None
+        got = [h for h, (n, _) in zip(every or [], order) if n == a.length]
+        depth = [d for n, d in order if n == a.length]
+        if every is None or len(got) != len(depths) * a.trials or sorted(set(depth)) != sorted(depths):
+            print(f"error: the answers of {path} ({model}, {method}) do not match seed {seed}'s "
+                  f"{len(depths) * a.trials} prompts; check SEED, --length, --depths and --trials", file=sys.stderr)
             return 2
         hits.setdefault(name, {})[seed] = got
-        depth_of[seed] = [d for d, _, _ in drawn]
+        depth_of[seed] = depth
         per_seed.setdefault(seed, {})[name] = sum(got)
     seeds = sorted(hits[a.baseline])
     for name, by_seed in hits.items():
